@@ -1,0 +1,309 @@
+"""The decoder: attention with a KV cache, and FFNs computed as sub-experts over packed blocks.
+
+[embed] -> per layer: [norm -> attention (+KV cache)] -> [norm -> router -> sub-expert
+selection -> store.slots -> batched sub-expert kernels -> weighted sum] -> [norm -> lm_head]
+
+Legend for shape comments: T=tokens, D=hidden, H=heads, Hk=kv heads, hd=head dim,
+E=experts, k=top-k, S=sub-experts per expert, n=neurons per sub-expert, P=selected
+sub-experts (units) in a layer, U=E*S units of a layer, L=cached positions, V=vocab.
+
+A sub-expert block is one contiguous [3, n, D] tensor: rows of W_gate, rows of W_up, and
+the matching columns of W_down stored as rows, so one copy moves it and an expert's
+output is exactly the sum of its sub-experts' outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from edge_prism.spec import ModelSpec
+
+
+@dataclass
+class LayerWeights:
+    """Always-resident weights of one decoder layer."""
+
+    attn_norm: torch.Tensor  # [D]
+    ffn_norm: torch.Tensor  # [D]
+    wqkv: torch.Tensor  # [(H+2Hk)*hd, D]
+    bqkv: torch.Tensor | None  # [(H+2Hk)*hd]
+    wo: torch.Tensor  # [D, H*hd]
+    q_norm: torch.Tensor | None  # [hd] (head) or [H*hd] (full)
+    k_norm: torch.Tensor | None
+    router: torch.Tensor | None  # [E, D]
+    shared_gu: torch.Tensor | None = None  # [2*Ws, D]
+    shared_down: torch.Tensor | None = None  # [D, Ws]
+    shared_gate: torch.Tensor | None = None  # [1, D]
+
+
+@dataclass
+class Weights:
+    """All always-resident weights (everything but the sub-expert blocks)."""
+
+    embed: torch.Tensor  # [V, D]
+    norm: torch.Tensor  # [D]
+    lm_head: torch.Tensor  # [V, D] (the embedding itself when tied)
+    layers: list[LayerWeights]
+
+    def nbytes(self) -> int:
+        """Bytes held, counting a tied lm_head once."""
+        seen: set[int] = set()
+        total = 0
+        tensors = [self.embed, self.norm, self.lm_head]
+        for lw in self.layers:
+            tensors += [t for t in vars(lw).values() if isinstance(t, torch.Tensor)]
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+
+class ExpertStore(Protocol):
+    """Where sub-expert blocks live during compute (the runtime implements this)."""
+
+    def slots(self, layer: int, units: torch.Tensor) -> torch.Tensor:
+        """Make ``units`` (sorted flat ids e*S+s, CPU int64 [P]) resident; their slots [P]."""
+        ...
+
+    def pool(self, layer: int) -> torch.Tensor:
+        """The slot buffer that ``slots`` index: [num_slots, 3, n, D]."""
+        ...
+
+    def done(self, layer: int) -> None:
+        """The layer's kernels are issued: its slots may be reused once they finish."""
+        ...
+
+
+class Selector(Protocol):
+    """Chooses sub-experts within the routed experts (the operating point)."""
+
+    def __call__(self, layer: int, x: torch.Tensor, topv: torch.Tensor,
+                 topi: torch.Tensor) -> torch.Tensor:
+        """Weights [T, k, S] for each token's k experts' S sub-experts; 0 = not computed."""
+        ...
+
+
+class KVCache:
+    """Per-layer keys and values, grown by doubling (amortised, not per token)."""
+
+    def __init__(self, spec: ModelSpec, *, dtype: torch.dtype, device: torch.device, capacity: int = 256):
+        self.spec, self.dtype, self.device = spec, dtype, device
+        self.capacity = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.length = 0
+        self.reserve(capacity)
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for ``tokens`` positions, keeping what is cached."""
+        if tokens <= self.capacity:
+            return
+        cap = max(tokens, 2 * self.capacity, 64)
+        s = self.spec
+        shape = (s.num_kv_heads, cap, s.head_dim)
+        new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(s.num_layers)]
+        new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(s.num_layers)]
+        for old, new in zip(self.k + self.v, new_k + new_v):
+            new[:, : self.length].copy_(old[:, : self.length])
+        self.k, self.v, self.capacity = new_k, new_v, cap
+
+    def nbytes(self) -> int:
+        """Bytes allocated for the cache."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def rope_tables(spec: ModelSpec, positions: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [positions, hd] in float32, computed as transformers does (rotate-half layout)."""
+    hd = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    scaling = dict(spec.rope_scaling)
+    if scaling.get("rope_type") == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif scaling.get("rope_type") == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    pos = torch.arange(positions, dtype=torch.float32)
+    freqs = pos[:, None] * inv_freq[None, :]  # [positions, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [positions, hd]
+    return emb.cos().to(device), emb.sin().to(device)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, sc: dict) -> torch.Tensor:
+    factor, low, high = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    old_ctx = sc["original_max_position_embeddings"]
+    low_wl, high_wl = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wl, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same op order as transformers' RMSNorm so float32 results agree to the last bits.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+FFNObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+LayerObserver = Callable[[int, torch.Tensor], None]
+
+
+class Transformer:
+    """A decoder-only model over always-resident weights and an ExpertStore for sub-experts."""
+
+    def __init__(self, spec: ModelSpec, weights: Weights, store: ExpertStore, *,
+                 parts: list[int], dtype: torch.dtype, device: torch.device):
+        self.spec, self.w, self.store = spec, weights, store
+        self.parts = parts  # S per layer
+        self.dtype, self.device = dtype, device
+        self.selector: Selector | None = None
+        self.ffn_observer: FFNObserver | None = None  # calibration: (layer, x, topv, topi)
+        self.layer_observer: LayerObserver | None = None  # prefetcher: (layer, hidden) before layer
+        self.cache = KVCache(spec, dtype=dtype, device=device)
+        self._rope_len = 0
+        self._ensure_rope(256)
+        self._all_units = [torch.arange(f.num_experts * s) for f, s in zip(spec.ffn, parts)]
+
+    # -- positions -------------------------------------------------------------------
+    def _ensure_rope(self, positions: int) -> None:
+        if positions > self._rope_len:
+            n = min(max(positions, 2 * self._rope_len), max(positions, self.spec.max_position))
+            self.cos, self.sin = rope_tables(self.spec, n, self.device)
+            self.cos, self.sin = self.cos.to(self.dtype), self.sin.to(self.dtype)
+            self._rope_len = n
+
+    def reset(self, keep: int = 0) -> None:
+        """Forget cached positions from ``keep`` on."""
+        self.cache.length = min(keep, self.cache.length)
+
+    # -- forward ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
+        """Run ``ids`` [T] after the cached positions; logits [T, V] or [1, V] (last token)."""
+        T = ids.shape[0]
+        start = self.cache.length
+        self.cache.reserve(start + T)
+        self._ensure_rope(start + T)
+        h = self.w.embed[ids.to(self.device)]  # [T, D]
+        cos = self.cos[start:start + T, None, :]  # [T, 1, hd]
+        sin = self.sin[start:start + T, None, :]
+        for layer, lw in enumerate(self.w.layers):
+            if self.layer_observer is not None:
+                self.layer_observer(layer, h)
+            h = h + self._attention(layer, lw, _rms(h, lw.attn_norm, self.spec.rms_norm_eps), cos, sin, start)
+            h = h + self._ffn(layer, lw, _rms(h, lw.ffn_norm, self.spec.rms_norm_eps))
+        self.cache.length = start + T
+        if not all_logits:
+            h = h[-1:]
+        h = _rms(h, self.w.norm, self.spec.rms_norm_eps)
+        return F.linear(h, self.w.lm_head).float()  # [T or 1, V]
+
+    def _attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, start: int) -> torch.Tensor:
+        s = self.spec
+        T, H, Hk, hd = x.shape[0], s.num_heads, s.num_kv_heads, s.head_dim
+        qkv = F.linear(x, lw.wqkv, lw.bqkv)  # [T, (H+2Hk)*hd]
+        q, k, v = qkv.split((H * hd, Hk * hd, Hk * hd), dim=-1)
+        if s.qk_norm == "full":
+            q, k = _rms(q, lw.q_norm, s.rms_norm_eps), _rms(k, lw.k_norm, s.rms_norm_eps)
+        if s.clip_qkv is not None:
+            q, k, v = (t.clamp(-s.clip_qkv, s.clip_qkv) for t in (q, k, v))
+        q, k, v = q.view(T, H, hd), k.view(T, Hk, hd), v.view(T, Hk, hd)
+        if s.qk_norm == "head":
+            q, k = _rms(q, lw.q_norm, s.rms_norm_eps), _rms(k, lw.k_norm, s.rms_norm_eps)
+        q = q * cos + _rotate_half(q) * sin  # [T, H, hd]
+        k = k * cos + _rotate_half(k) * sin  # [T, Hk, hd]
+        end = start + T
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        kc[:, start:end].copy_(k.transpose(0, 1))  # [Hk, L, hd]
+        vc[:, start:end].copy_(v.transpose(0, 1))
+        mask = None
+        if T > 1 and start > 0:
+            # Queries see every cached position and the causal part of the new block.
+            pos_q = torch.arange(start, end, device=x.device)[:, None]
+            mask = pos_q >= torch.arange(end, device=x.device)[None, :]  # [T, L]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], kc[None, :, :end], vc[None, :, :end],  # [1, H|Hk, T|L, hd]
+            attn_mask=mask, is_causal=(T > 1 and start == 0), enable_gqa=(H != Hk))
+        out = out[0].transpose(0, 1).reshape(T, H * hd)  # [T, H*hd]
+        return F.linear(out, lw.wo)  # [T, D]
+
+    def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router weights and experts of each token: topv, topi [T, k]."""
+        f, lw = self.spec.ffn[layer], self.w.layers[layer]
+        if not f.routed:
+            ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+            return ones, torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
+        logits = F.linear(x, lw.router)  # [T, E]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
+        topv, topi = torch.topk(probs, f.top_k, dim=-1)  # [T, k]
+        if f.norm_topk_prob:
+            topv = topv / topv.sum(dim=-1, keepdim=True)
+        return topv.to(x.dtype), topi
+
+    def _ffn(self, layer: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        f = self.spec.ffn[layer]
+        topv, topi = self.route(layer, x)  # [T, k]
+        if self.ffn_observer is not None:
+            self.ffn_observer(layer, x, topv, topi)
+        out = self._experts(layer, x, topv, topi)  # [T, D]
+        if f.shared_width:
+            gu = F.linear(x, lw.shared_gu)  # [T, 2*Ws]
+            g, u = gu.chunk(2, dim=-1)
+            shared = F.linear(F.silu(g) * u, lw.shared_down)  # [T, D]
+            out = out + torch.sigmoid(F.linear(x, lw.shared_gate)) * shared
+        return out
+
+    def unit_weights(self, layer: int, x: torch.Tensor, topv: torch.Tensor,
+                     topi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Selected units (sorted, CPU) [P] and their per-token weights [P, T]."""
+        f, S = self.spec.ffn[layer], self.parts[layer]
+        T = x.shape[0]
+        if self.selector is None and not f.routed:
+            # Dense FFN at full operating point: every unit, weight 1, no sync needed.
+            return self._all_units[layer], x.new_ones(S, T)
+        if self.selector is None:
+            w = topv[:, :, None].expand(T, f.top_k, S)  # [T, k, S]
+        else:
+            w = self.selector(layer, x, topv, topi)  # [T, k, S]
+        units = topi[:, :, None] * S + torch.arange(S, device=x.device)  # [T, k, S]
+        tok = torch.arange(T, device=x.device)[:, None, None].expand_as(units)  # [T, k, S]
+        dense = x.new_zeros(f.num_experts * S, T)  # [U, T]
+        dense[units.reshape(-1), tok.reshape(-1)] = w.reshape(-1).to(x.dtype)
+        chosen = (dense != 0).any(dim=1).nonzero().squeeze(1)  # [P]
+        return chosen.cpu(), dense[chosen]  # [P], [P, T]
+
+    def _experts(self, layer: int, x: torch.Tensor, topv: torch.Tensor, topi: torch.Tensor) -> torch.Tensor:
+        units, wt = self.unit_weights(layer, x, topv, topi)  # [P], [P, T]
+        slots = self.store.slots(layer, units)  # [P]
+        blocks = _gather(self.store.pool(layer), slots)  # [P, 3, n, D]
+        P, _, n, D = blocks.shape
+        gu = blocks[:, :2].reshape(P, 2 * n, D)  # [P, 2n, D]
+        h = torch.matmul(x, gu.transpose(1, 2))  # [P, T, 2n]
+        act = F.silu(h[..., :n]) * h[..., n:]  # [P, T, n]
+        act = act * wt[:, :, None]  # [P, T, n]
+        out = torch.bmm(act, blocks[:, 2]).sum(dim=0)  # [T, D]
+        self.store.done(layer)
+        return out
+
+
+def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Blocks at ``slots``: a view when they are consecutive, else one batched gather."""
+    P = slots.shape[0]
+    if P and int(slots[-1]) - int(slots[0]) == P - 1 and bool((slots.diff() == 1).all()):
+        first = int(slots[0])
+        return pool[first:first + P]  # [P, 3, n, D] view, no copy
+    return pool.index_select(0, slots.to(pool.device))  # [P, 3, n, D]
