@@ -299,16 +299,33 @@ def _rope_scaling(meta: _Meta, by_name: dict, path: Path, *, head_dim: int, thet
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(factor)}
     if kind == "yarn":
-        attn_factor = meta.get("llama.rope.scaling.attn_factor")
-        if attn_factor is not None and not math.isclose(float(attn_factor), 1.0):
-            raise UnsupportedModelError(
-                f"{path}: YaRN with llama.rope.scaling.attn_factor={attn_factor} has no Hugging Face equivalent here"
-            )
-        scaling = {"rope_type": "yarn", "factor": float(factor)}
-        if original is not None:
-            scaling["original_max_position_embeddings"] = int(original)
-        return scaling
+        return _yarn_scaling(meta, path, factor=float(factor), original=original)
     raise UnsupportedModelError(f"{path}: rope scaling type {kind!r} is not supported (supported: linear, yarn)")
+
+
+def _yarn_scaling(meta: _Meta, path: Path, *, factor: float, original) -> dict:
+    """HF YaRN parameters; llama.cpp knobs that HF's YaRN has no counterpart for must be at their defaults."""
+    # key suffix -> (is this value HF's behaviour?); ext_factor < 0 means "1.0 for YaRN" in llama.cpp.
+    neutral = {
+        "attn_factor": lambda v: math.isclose(v, 1.0),
+        "yarn_attn_factor": lambda v: math.isclose(v, 1.0),
+        "yarn_log_multiplier": lambda v: math.isclose(v, 0.0),
+        "yarn_ext_factor": lambda v: v < 0 or math.isclose(v, 1.0),
+    }
+    for suffix, is_neutral in neutral.items():
+        value = meta.get(f"llama.rope.scaling.{suffix}")
+        if value is not None and not is_neutral(float(value)):
+            raise UnsupportedModelError(
+                f"{path}: YaRN with llama.rope.scaling.{suffix}={value} has no Hugging Face equivalent; cannot map it"
+            )
+    scaling = {"rope_type": "yarn", "factor": factor}
+    if original is not None:
+        scaling["original_max_position_embeddings"] = int(original)
+    for suffix in ("beta_fast", "beta_slow"):
+        value = meta.get(f"llama.rope.scaling.yarn_{suffix}")
+        if value is not None:
+            scaling[suffix] = float(value)
+    return scaling
 
 
 def _llama3_rope_scaling(tensor, path: Path, *, head_dim: int, theta: float, original) -> dict | None:
