@@ -169,7 +169,8 @@ class Transformer:
         self.spec, self.w, self.store = spec, weights, store
         self.parts = parts  # S per layer
         self.dtype, self.device = dtype, device
-        self.selector: Selector | None = None
+        self.selector: Selector | None = None  # None: every part of every routed expert
+        self.operating_point: int | None = None  # K, for reports (None: plain checkpoint)
         self.ffn_observer: FFNObserver | None = None  # calibration: (layer, x, topv, topi)
         self.layer_observer: LayerObserver | None = None  # prefetcher: (layer, hidden) before layer
         self.cache = KVCache(spec, dtype=dtype, device=device)
@@ -230,15 +231,7 @@ class Transformer:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         kc[:, start:end].copy_(k.transpose(0, 1))  # [Hk, L, hd]
         vc[:, start:end].copy_(v.transpose(0, 1))
-        mask = None
-        if T > 1 and start > 0:
-            # Queries see every cached position and the causal part of the new block.
-            pos_q = torch.arange(start, end, device=x.device)[:, None]
-            mask = pos_q >= torch.arange(end, device=x.device)[None, :]  # [T, L]
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], kc[None, :, :end], vc[None, :, :end],  # [1, H|Hk, T|L, hd]
-            attn_mask=mask, is_causal=(T > 1 and start == 0), enable_gqa=(H != Hk))
-        out = out[0].transpose(0, 1).reshape(T, H * hd)  # [T, H*hd]
+        out = _attend(q, kc[:, :end], vc[:, :end], start)  # [T, H*hd]
         return F.linear(out, lw.wo)  # [T, D]
 
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,6 +291,28 @@ class Transformer:
         out = torch.bmm(act, blocks[:, 2]).sum(dim=0)  # [T, D]
         self.store.done(layer)
         return out
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal attention of new queries q [T, H, hd] over cached k, v [Hk, L, hd] -> [T, H*hd]."""
+    T, H, hd = q.shape
+    Hk, L = k.shape[0], k.shape[1]
+    if T == 1:
+        # Decode: grouped matmuls; CPU SDPA with enable_gqa is ~40x slower at this size.
+        qg = q.view(Hk, H // Hk, hd)  # [Hk, G, hd]
+        scores = torch.matmul(qg, k.transpose(1, 2)) * (1.0 / math.sqrt(hd))  # [Hk, G, L]
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # [Hk, G, L]
+        return torch.matmul(probs, v).reshape(1, H * hd)  # [1, H*hd]
+    if H != Hk:
+        k, v = k.repeat_interleave(H // Hk, dim=0), v.repeat_interleave(H // Hk, dim=0)  # [H, L, hd]
+    mask = None
+    if start > 0:
+        # Queries see every cached position and the causal part of the new block.
+        pos_q = torch.arange(start, start + T, device=q.device)[:, None]
+        mask = pos_q >= torch.arange(L, device=q.device)[None, :]  # [T, L]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None],  # [1, H, T|L, hd]
+                                         attn_mask=mask, is_causal=start == 0)
+    return out[0].transpose(0, 1).reshape(T, H * hd)  # [T, H*hd]
 
 
 def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,188 @@
+"""Engine: a loaded model with its tokenizer, generation loop and statistics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from edge_prism.errors import ConfigError, ContextLengthError, TokenizerError
+from edge_prism.model import Transformer
+from edge_prism.sampling import Sampler, SamplingConfig
+from edge_prism.spec import ModelSpec
+from edge_prism.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationStats:
+    """Figures of the last generation."""
+
+    prompt_tokens: int = 0
+    reused_prompt_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    decode_s: float = 0.0
+    token_latencies_s: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        """The public stats keys."""
+        decode_tokens = len(self.token_latencies_s)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "reused_prompt_tokens": self.reused_prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "time_to_first_token_s": self.time_to_first_token_s,
+            "decode_tokens_per_s": decode_tokens / self.decode_s if self.decode_s > 0 else 0.0,
+        }
+
+
+class Engine:
+    """A model ready to generate. Build it with :func:`edge_prism.load`."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, source: Path,
+                 max_context: int, runtime=None):
+        self.model = model
+        self._tokenizer = tokenizer
+        self.source = source
+        self.max_context = max_context
+        self.runtime = runtime
+        self._cached: list[int] = []  # token ids whose keys/values are in the KV cache
+        self._last = GenerationStats()
+
+    # -- public API ----------------------------------------------------------------------
+    @property
+    def spec(self) -> ModelSpec:
+        """The model's architecture."""
+        return self.model.spec
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (error if the checkpoint has none)."""
+        if self._tokenizer is None:
+            raise TokenizerError(f"{self.source}: the checkpoint has no tokenizer.json; "
+                                 "use logits() with token ids, or add the model's tokenizer files")
+        return self._tokenizer
+
+    @property
+    def stats(self) -> dict:
+        """Figures of the last generation, plus the runtime's when it keeps any."""
+        out = self._last.as_dict()
+        if self.runtime is not None:
+            out.update(self.runtime.stats(self._last.token_latencies_s))
+        return out
+
+    def generate(self, prompt: str, **sampling) -> str:
+        """The continuation of raw text ``prompt`` (no chat template)."""
+        return "".join(self.stream(prompt, **sampling))
+
+    def stream(self, prompt: str, **sampling) -> Iterator[str]:
+        """Like generate(), yielding text pieces as tokens are produced."""
+        ids = self.tokenizer.encode(prompt)
+        return self._stream_text(ids, _sampling(sampling))
+
+    def chat(self, messages: Sequence[dict], **sampling) -> str:
+        """The assistant's reply to ``messages`` ([{'role': ..., 'content': ...}, ...])."""
+        return "".join(self.stream_chat(messages, **sampling))
+
+    def stream_chat(self, messages: Sequence[dict], **sampling) -> Iterator[str]:
+        """Like chat(), yielding text pieces as tokens are produced."""
+        ids = self.tokenizer.encode_chat(list(messages))
+        return self._stream_text(ids, _sampling(sampling))
+
+    def generate_ids(self, ids: Sequence[int], **sampling) -> list[int]:
+        """Generated token ids after prompt ``ids`` (stop tokens excluded)."""
+        return list(self._generate_ids(list(ids), _sampling(sampling)))
+
+    def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Logits [T, vocab] (float32, CPU) for a 1-D sequence of token ids, from an empty cache."""
+        ids = torch.as_tensor(token_ids)
+        if ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point:
+            raise ConfigError(f"logits() takes a non-empty 1-D sequence of token ids, got shape "
+                              f"{list(ids.shape)} of {ids.dtype}")
+        self._check_ids(ids.tolist())
+        self.model.reset(0)
+        self._cached = []
+        out = self.model.forward(ids.long(), all_logits=True)
+        self._cached = ids.tolist()
+        return out.cpu()
+
+    def reset(self) -> None:
+        """Forget the KV cache (the next prompt is prefilled from scratch)."""
+        self.model.reset(0)
+        self._cached = []
+
+    # -- generation ----------------------------------------------------------------------
+    def _check_ids(self, ids: list[int]) -> None:
+        if len(ids) >= self.max_context:
+            raise ContextLengthError(
+                f"the prompt is {len(ids)} tokens but the context holds {self.max_context}; "
+                "shorten the prompt (or start a new chat with /reset)")
+        vocab = self.spec.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ConfigError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+
+    def _stop_ids(self) -> frozenset[int]:
+        stops = set(self.spec.eos_token_ids)
+        if self._tokenizer is not None:
+            stops |= set(self._tokenizer.stop_ids)
+        return frozenset(stops)
+
+    def _stream_text(self, ids: list[int], cfg: SamplingConfig) -> Iterator[str]:
+        decoder = self.tokenizer.stream_decoder()
+        for tok in self._generate_ids(ids, cfg):
+            piece = decoder.push(tok)
+            if piece:
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+    def _generate_ids(self, ids: list[int], cfg: SamplingConfig) -> Iterator[int]:
+        self._check_ids(ids)
+        stops = self._stop_ids()
+        # Reuse the cached prefix (multi-turn chat); always recompute at least one token.
+        keep = 0
+        for a, b in zip(self._cached, ids[:-1]):
+            if a != b:
+                break
+            keep += 1
+        self.model.reset(keep)
+        self._cached = self._cached[:keep]
+        stats = self._last = GenerationStats(prompt_tokens=len(ids), reused_prompt_tokens=keep)
+        budget = min(cfg.max_new_tokens, self.max_context - len(ids))
+        if budget <= 0:
+            return
+        sampler = Sampler(cfg)
+        start = time.perf_counter()
+        logits = self.model.forward(torch.tensor(ids[keep:]))  # [1, V]
+        self._cached = list(ids)
+        tick = time.perf_counter()
+        stats.time_to_first_token_s = tick - start
+        for step in range(budget):
+            tok = sampler(logits[-1])
+            if tok in stops:
+                break
+            stats.generated_tokens += 1
+            yield tok
+            if step == budget - 1:
+                break
+            self._cached.append(tok)
+            t0 = time.perf_counter()
+            logits = self.model.forward(torch.tensor([tok]))
+            now = time.perf_counter()
+            stats.token_latencies_s.append(now - t0)
+            stats.decode_s += now - t0
+
+
+def _sampling(kw: dict) -> SamplingConfig:
+    try:
+        return SamplingConfig(**{k: v for k, v in kw.items() if v is not None})
+    except TypeError as e:
+        raise ConfigError(f"unknown generation option: {e}") from None

@@ -1,0 +1,90 @@
+"""The operating point K: which sub-experts of the routed experts a token computes.
+
+The rule that spreads K over the router's ranked experts lives here and only here:
+
+    K active sub-experts per token per MoE layer are shared out over the token's top_k
+    experts in router rank order, as evenly as possible, the remainder going to the
+    higher-ranked experts (K=10, top_k=4 -> 3, 3, 2, 2). Within each expert the parts
+    with the highest sub-expert gate scores are computed. Full K (S x top_k) computes
+    every part and reproduces the original model exactly.
+
+Dense FFN layers inside a MoE model always run in full; in a dense model (every FFN one
+expert) K applies to each FFN directly (1..S).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from edge_prism.errors import ConfigError
+from edge_prism.refactor import gates as gatelib
+from edge_prism.spec import ModelSpec
+
+
+def max_operating_point(spec: ModelSpec, parts: list[int]) -> int:
+    """Full K: all sub-experts of the top_k experts (MoE layers; every FFN for dense models)."""
+    layers = [i for i, f in enumerate(spec.ffn) if f.routed] or list(range(spec.num_layers))
+    return max(spec.ffn[i].top_k * parts[i] for i in layers)
+
+
+def quotas(k: int, top_k: int, parts: int) -> list[int]:
+    """Sub-experts per ranked expert for operating point ``k`` (remainder to higher ranks)."""
+    base, extra = divmod(k, top_k)
+    return [min(parts, base + (1 if j < extra else 0)) for j in range(top_k)]
+
+
+def check_operating_point(k: int, spec: ModelSpec, parts: list[int]) -> int:
+    """``k`` itself when valid, else a one-line ConfigError with the valid range."""
+    full = max_operating_point(spec, parts)
+    if not 1 <= k <= full:
+        raise ConfigError(f"invalid operating point {k}: this model takes 1 to {full} "
+                          f"active sub-experts per token per layer")
+    return k
+
+
+@dataclass
+class LayerGate:
+    """One layer's gate parameters, batched over experts."""
+
+    kind: str
+    a: torch.Tensor  # proxy: rows [E, S, r, 2, D]; linear: weight [E, D, S]
+    b: torch.Tensor  # proxy: scale [E, S]; linear: bias [E, S]
+
+    def scores(self, x: torch.Tensor, topi: torch.Tensor) -> torch.Tensor:
+        """Gate scores [T, k, S] of each token's routed experts' parts."""
+        if self.kind == "proxy":
+            s = gatelib.proxy_scores_batched(self.a, x, topi)  # [T, k, S]
+            return s * self.b[topi]
+        return gatelib.linear_scores_batched(self.a, self.b, x, topi)  # [T, k, S]
+
+
+class SubExpertSelector:
+    """Selects each token's sub-experts at operating point K (a model.Selector)."""
+
+    def __init__(self, spec: ModelSpec, parts: list[int], gates: list[LayerGate | None], k: int):
+        self.spec, self.parts, self.gates = spec, parts, gates
+        self.k = check_operating_point(k, spec, parts)
+        dense_model = not spec.is_moe
+        self._quota: list[torch.Tensor | None] = []
+        for f, s in zip(spec.ffn, parts):
+            if f.routed or dense_model:
+                self._quota.append(torch.tensor(quotas(self.k, f.top_k, s)))
+            else:
+                self._quota.append(None)  # dense layer of a MoE model: full width
+
+    def quota(self, layer: int) -> torch.Tensor | None:
+        """Parts per ranked expert [k] of ``layer`` (None: all)."""
+        return self._quota[layer]
+
+    def __call__(self, layer: int, x: torch.Tensor, topv: torch.Tensor, topi: torch.Tensor) -> torch.Tensor:
+        S = self.parts[layer]
+        q = self._quota[layer]
+        T, k = topi.shape
+        if q is None or bool((q == S).all()):
+            return topv[:, :, None].expand(T, k, S)  # [T, k, S]
+        scores = self.gates[layer].scores(x, topi)  # [T, k, S]
+        rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)  # [T, k, S]
+        keep = rank < q.to(x.device)[None, :, None]  # [T, k, S]
+        return topv[:, :, None] * keep  # [T, k, S]
