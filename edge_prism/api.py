@@ -10,7 +10,7 @@ import torch
 
 from edge_prism.build import (ResidentStore, TensorReader, build_weights, check_shapes, pack_layer)
 from edge_prism.engine import Engine
-from edge_prism.errors import ConfigError
+from edge_prism.errors import BudgetError, ConfigError
 from edge_prism.families import build_spec
 from edge_prism.loaders import open_checkpoint, resolve_model
 from edge_prism.model import Transformer
@@ -30,6 +30,8 @@ class RuntimeConfig:
     max_context: int | None = None  # None: the model's max_position_embeddings
     operating_point: int | None = None  # None: the checkpoint's default (full K)
     gate: str | None = None  # None: the prism checkpoint's default gate kind
+    memory_budget: str | int | None = None  # None: every sub-expert resident
+    policy: str = "lru"  # replacement policy of the dynamic slot region
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         """The compute dtype for ``device``."""
@@ -45,15 +47,18 @@ class RuntimeConfig:
 
 def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | None = None,
          max_context: int | None = None, operating_point: int | None = None,
-         gate: str | None = None) -> Engine:
+         gate: str | None = None, memory_budget: str | int | None = None, policy: str = "lru") -> Engine:
     """Load ``model`` and return an Engine ready to generate.
 
     ``model``: a Hugging Face directory, a .gguf file, a prism checkpoint directory, or
     None / 'default' for the bundled SmolLM2-135M-Instruct. ``operating_point``: active
     sub-experts per token per MoE layer (prism checkpoints; default full, exact).
+    ``memory_budget``: bytes of sub-expert weights resident on the device ('512MiB',
+    '1.5GiB', a byte count, '25%' of all sub-experts, or 'auto'); the rest stream in.
     """
     cfg = RuntimeConfig(device=device, dtype=dtype, max_context=max_context,
-                        operating_point=operating_point, gate=gate)
+                        operating_point=operating_point, gate=gate, memory_budget=memory_budget,
+                        policy=policy)
     return load_with(model, cfg)
 
 
@@ -78,9 +83,9 @@ def load_with(model: str | Path | None, cfg: RuntimeConfig) -> Engine:
     if is_prism(path):
         transformer, tokenizer = _build_prism(path, cfg, dtype=dtype, device=dev)
     else:
-        if cfg.operating_point is not None or cfg.gate is not None:
-            raise ConfigError(f"{path}: operating points need a prism checkpoint; run "
-                              f"`edge-prism refactor {path} --out DIR` and load DIR")
+        if cfg.operating_point is not None or cfg.gate is not None or cfg.memory_budget is not None:
+            raise ConfigError(f"{path}: operating points and memory budgets need a prism checkpoint; "
+                              f"run `edge-prism refactor {path} --out DIR` and load DIR")
         raw = open_checkpoint(path)
         spec = build_spec(raw.config, where=str(path / "config.json" if path.is_dir() else path))
         reader = TensorReader(raw.tensors, path, dtype=dtype, device=dev)
@@ -102,26 +107,83 @@ def _build_prism(path: Path, cfg: RuntimeConfig, *, dtype: torch.dtype, device: 
     spec = build_spec(pc.config, where=str(path / "prism.json"))
     reader = TensorReader(pc.dense, path, dtype=dtype, device=device)
     check_shapes(spec, reader, experts=False)
-    weights = build_weights(spec, reader)
     parts = pc.parts
-    pools = []
-    for layer in range(spec.num_layers):
-        blocks = pc.blocks(layer)  # [U, 3, n, D] storage order (mmap)
-        pool = torch.empty(blocks.shape, dtype=dtype, device=device)
-        pool[pc.order(layer).to(device)] = blocks.to(device=device, dtype=dtype)
-        pools.append(pool)
-    model = Transformer(spec, weights, ResidentStore(pools), parts=parts, dtype=dtype, device=device)
     kind = cfg.gate or pc.manifest["gates"]["default"]
     if kind not in GATE_KINDS:
         raise ConfigError(f"invalid gate '{kind}': use one of {', '.join(GATE_KINDS)}")
     full = max_operating_point(spec, parts)
     k = check_operating_point(cfg.operating_point or pc.manifest.get("default_operating_point") or full,
                               spec, parts)
+    if cfg.memory_budget is None:
+        store = _resident_store(pc, spec, dtype=dtype, device=device)
+    else:
+        store = _budgeted_store(pc, spec, k, cfg, device=device)
+    weights = build_weights(spec, reader)
+    model = Transformer(spec, weights, store, parts=parts, dtype=dtype, device=device)
     if k != full:  # full K needs no gate: the exact path stays untouched
         gates = [_layer_gate(pc, layer, kind, dtype, device) for layer in range(spec.num_layers)]
         model.selector = SubExpertSelector(spec, parts, gates, k)
     model.operating_point = k
     return model, Tokenizer.from_hf_dir(path)
+
+
+def _resident_store(pc, spec: ModelSpec, *, dtype: torch.dtype, device: torch.device) -> ResidentStore:
+    pools = []
+    for layer in range(spec.num_layers):
+        blocks = pc.blocks(layer)  # [U, 3, n, D] storage order (mmap)
+        pool = torch.empty(blocks.shape, dtype=dtype, device=device)
+        pool[pc.order(layer).to(device)] = blocks.to(device=device, dtype=dtype)
+        pools.append(pool)
+    return ResidentStore(pools)
+
+
+def layer_blocks(pc, spec: ModelSpec, k: int) -> list:
+    """Where each layer's blocks live and how many one token selects at operating point ``k``."""
+    from edge_prism.runtime.store import LayerBlocks
+    from edge_prism.select import quotas
+
+    out = []
+    for layer, (f, S) in enumerate(zip(spec.ffn, pc.parts)):
+        if f.routed:
+            most = sum(quotas(k, f.top_k, S))
+        else:
+            most = S if spec.is_moe else min(k, S)
+        blocks = pc.blocks(layer)
+        out.append(LayerBlocks(
+            layer=layer, parts=S, units=blocks.shape[0], block_shape=tuple(blocks.shape[1:]),
+            dtype=blocks.dtype, offset=pc.block_range(layer)[0], order=pc.order(layer).tolist(),
+            frequency=pc.gate_tensor(f"layers.{layer}.frequency").tolist(), max_selection=most))
+    return out
+
+
+def resolve_budget(budget: str | int, layers: list, *, device: torch.device, resident_bytes: int) -> int:
+    """Budget bytes from '512MiB', '25%', a count or 'auto' (free device memory less the rest)."""
+    from edge_prism.runtime.device import free_memory_bytes
+    from edge_prism.runtime.sizes import parse_size
+    from edge_prism.runtime.store import _block_bytes
+
+    total = sum(lb.units * _block_bytes(lb) for lb in layers)
+    if str(budget).strip().lower() == "auto":
+        # Leave room for the always-resident weights, the KV cache and the allocator.
+        free = free_memory_bytes(device) - resident_bytes
+        return max(0, min(total, int(free * 0.8)))
+    return min(total, parse_size(budget, total=total, what="memory budget"))
+
+
+def _budgeted_store(pc, spec: ModelSpec, k: int, cfg: RuntimeConfig, *, device: torch.device):
+    from edge_prism.runtime.sizes import format_size
+    from edge_prism.runtime.store import BudgetedStore, minimum_budget
+
+    layers = layer_blocks(pc, spec, k)
+    nbytes = resolve_budget(cfg.memory_budget, layers, device=device,
+                            resident_bytes=(pc.path / "dense.safetensors").stat().st_size)
+    m = minimum_budget(layers)
+    if nbytes < m:
+        raise BudgetError(f"memory budget '{cfg.memory_budget}' is {format_size(nbytes)}, below what one "
+                          f"layer's largest selection needs: minimum is {format_size(m)} ({m} bytes); "
+                          "raise --memory-budget or lower --operating-point")
+    return BudgetedStore(pc.path / "experts.safetensors", layers, budget_bytes=nbytes, device=device,
+                         policy=cfg.policy)
 
 
 def _layer_gate(pc, layer: int, kind: str, dtype: torch.dtype, device: torch.device):
@@ -130,3 +192,27 @@ def _layer_gate(pc, layer: int, kind: str, dtype: torch.dtype, device: torch.dev
     names = ("proxy.rows", "proxy.scale") if kind == "proxy" else ("linear.weight", "linear.bias")
     a, b = (pc.gate_tensor(f"layers.{layer}.{n}").to(device=device, dtype=dtype) for n in names)
     return LayerGate(kind, a, b)
+
+
+def default_prism(*, progress: bool = True) -> Path:
+    """The default model's prism checkpoint in the user cache, built on first use."""
+    import os
+
+    from edge_prism.loaders.default import default_model_path
+    from edge_prism.errors import PrismCheckpointError
+    from edge_prism.refactor.prism import is_prism, open_prism
+    from edge_prism.refactor.refactor import RefactorConfig, refactor
+
+    root = Path(os.environ.get("EDGE_PRISM_CACHE") or
+                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-prism")
+    src = default_model_path()
+    out = root / f"{src.stem}.prism"
+    if is_prism(out):
+        try:
+            open_prism(out)
+            return out
+        except PrismCheckpointError as e:
+            log.warning("rebuilding the default prism checkpoint: %s", e)
+    log.warning("building the default model's prism checkpoint in %s (first use only)", out)
+    refactor(src, out, RefactorConfig(), force=True, progress=progress)
+    return out

@@ -184,6 +184,10 @@ class ResidentStore:
     def done(self, layer: int) -> None:
         """Nothing to release: every block stays resident."""
 
+    def capacity(self, layer: int) -> int:
+        """Every unit of the layer fits."""
+        return self.pools[layer].shape[0]
+
     def nbytes(self) -> int:
         """Bytes of all blocks."""
         return sum(p.numel() * p.element_size() for p in self.pools)

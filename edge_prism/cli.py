@@ -52,18 +52,68 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
             "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
 
 
-def load_engine(args: argparse.Namespace):
-    """An Engine for the model and runtime options in ``args``."""
-    from edge_prism.api import load
+def add_runtime_args(p: argparse.ArgumentParser, *, operating_point: bool = True) -> None:
+    """Operating point and memory-budget options (prism checkpoints)."""
+    if operating_point:
+        p.add_argument("-k", "--operating-point", type=int, default=None,
+                       help="active sub-experts per token per MoE layer (default: full, exact)")
+    p.add_argument("--gate", default=None, choices=("proxy", "linear"),
+                   help="sub-expert gate (default: the checkpoint's)")
+    p.add_argument("--memory-budget", default=None,
+                   help="resident sub-expert bytes: 512MiB, 1.5GiB, 25%%, a byte count or auto "
+                        "(default: all resident)")
+    p.add_argument("--policy", default="lru", choices=("lru", "lfu"),
+                   help="replacement policy of the non-pinned slots")
 
-    return load(args.model, device=args.device, dtype=args.dtype)
+
+def runtime_config(args: argparse.Namespace, **override):
+    """The RuntimeConfig the options in ``args`` describe."""
+    from edge_prism.api import RuntimeConfig
+
+    fields = dict(device=args.device, dtype=args.dtype,
+                  operating_point=getattr(args, "operating_point", None),
+                  gate=getattr(args, "gate", None),
+                  memory_budget=getattr(args, "memory_budget", None),
+                  policy=getattr(args, "policy", "lru"))
+    fields.update(override)
+    return RuntimeConfig(**fields)
+
+
+def load_engine(args: argparse.Namespace, *, prism_default: bool = True):
+    """An Engine for the model and runtime options in ``args``.
+
+    The default model runs from its prism checkpoint, built into the user cache on first use.
+    """
+    from edge_prism.api import default_prism, load_with
+
+    model = args.model
+    if prism_default and model in (None, "default"):
+        model = default_prism(progress=True)
+    return load_with(model, runtime_config(args))
 
 
 def summary_line(stats: dict) -> str:
     """The one-line figures printed on stderr after a reply."""
+    from edge_prism.runtime.sizes import format_size
+
     parts = [f"{stats['generated_tokens']} tokens",
              f"{stats['decode_tokens_per_s']:.1f} tokens/s",
              f"time to first token {stats['time_to_first_token_s']:.2f} s"]
+    if "token_latency_p50_ms" in stats:
+        parts.append(f"p50/p99 {stats['token_latency_p50_ms']:.0f}/{stats['token_latency_p99_ms']:.0f} ms")
+    if "memory_budget_bytes" in stats:
+        parts.append(f"resident {format_size(stats['resident_bytes'])} of "
+                     f"{format_size(stats['memory_budget_bytes'])}")
+        parts.append(f"hit rate {stats['hit_rate']:.0%}")
+        parts.append(f"moved {format_size(stats['bytes_to_device'])}")
+        parts.append(f"transfer wait {stats['transfer_wait_s']:.2f} s")
+    for key, label in (("prefetch_precision", "prefetch precision"), ("prefetch_recall", "recall")):
+        if stats.get(key) is not None:
+            parts.append(f"{label} {stats[key]:.0%}")
+    if stats.get("dropped_subexperts"):
+        parts.append(f"dropped {stats['dropped_subexperts_per_token']:.1f} sub-experts/token")
+    if stats.get("tokens_within_budget") is not None:
+        parts.append(f"{stats['tokens_within_budget']:.0%} tokens within budget")
     return "[" + ", ".join(parts) + "]"
 
 
@@ -136,6 +186,43 @@ def _repl(engine, system: list[dict], args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": reply})
 
 
+# -- refactor / eval ---------------------------------------------------------------------------
+def cmd_refactor(args: argparse.Namespace) -> int:
+    """Split a model's experts into sub-experts and write a prism checkpoint."""
+    from pathlib import Path
+
+    from edge_prism.refactor.refactor import RefactorConfig, refactor
+
+    cfg = RefactorConfig(sub_experts=args.sub_experts, calib_files=tuple(Path(f) for f in args.calib_file),
+                         calib_tokens=args.calib_tokens, solver=args.solver, seed=args.seed,
+                         default_gate=args.gate)
+    report = refactor(args.model, Path(args.out), cfg, force=args.force, progress=True)
+    obj = ", ".join(f"{k} {v:.4g}" for k, v in sorted(report.objective.items()))
+    print(f"wrote {report.out} in {report.seconds:.1f} s ({report.calib_tokens} calibration tokens; "
+          f"left-out activation mass per token: {obj})", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Perplexity at each operating point, and the original model at top-k' for MoE models."""
+    import json
+
+    from edge_prism.evaluate import evaluate_model
+
+    rows, usable = evaluate_model(args.model, runtime_config(args, operating_point=None),
+                                  text_file=args.text_file, points=args.operating_points,
+                                  max_tokens=args.max_tokens, baseline=not args.no_baseline)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows]))
+        return 0
+    print(f"{'curve':8} {'K':>4} {'top-k':>5} {'perplexity':>11}")
+    for r in rows:
+        print(f"{r.curve:8} {r.operating_point:>4} {r.top_k if r.top_k else '':>5} {r.perplexity:>11.3f}")
+    for curve, points in usable.items():
+        print(f"{curve}: {len(points)} usable operating points (within 1.25x of full, monotone): {points}")
+    return 0
+
+
 # -- info ----------------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> int:
     """Print versions, devices, memory and where the default model is."""
@@ -188,7 +275,36 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     chat.add_argument("--prompt", default=None, help="one-shot: reply to this text and exit")
     chat.add_argument("--system", default=None, help="system message")
     add_sampling_args(chat)
+    add_runtime_args(chat)
     handlers["chat"] = cmd_chat
+
+    ref = sub.add_parser("refactor", help="split experts into sub-experts (writes a prism checkpoint)",
+                         description="Split every expert into sub-experts by a partition solver over "
+                                     "activation statistics from calibration text, without retraining.")
+    add_model_args(ref, positional=True)
+    ref.add_argument("-o", "--out", required=True, help="output prism checkpoint directory")
+    ref.add_argument("--sub-experts", type=int, default=None,
+                     help="sub-experts per expert (default: 16 per dense FFN, 8 per routed expert)")
+    ref.add_argument("--calib-file", action="append", default=[],
+                     help="calibration text file (repeatable; default: Python stdlib docstrings)")
+    ref.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens")
+    ref.add_argument("--solver", default="anneal", choices=("anneal", "greedy", "contiguous", "random"))
+    ref.add_argument("--gate", default="proxy", choices=("proxy", "linear"), help="default sub-expert gate")
+    ref.add_argument("--seed", type=int, default=0)
+    ref.add_argument("--force", action="store_true", help="replace an existing output")
+    handlers["refactor"] = cmd_refactor
+
+    ev = sub.add_parser("eval", help="perplexity per operating point on held-out text",
+                        description="Perplexity at each operating point (and, for MoE models, the "
+                                    "original model routed to top-k' experts for comparison).")
+    add_model_args(ev, positional=True)
+    add_runtime_args(ev, operating_point=False)
+    ev.add_argument("--text-file", default=None, help="UTF-8 text (default: stdlib docstrings, eval split)")
+    ev.add_argument("--operating-points", default="all", help="'all' or K,K,...")
+    ev.add_argument("--max-tokens", type=int, default=4096, help="evaluate at most this many tokens")
+    ev.add_argument("--no-baseline", action="store_true", help="skip the top-k' baseline curve")
+    ev.add_argument("--json", action="store_true", help="print only a JSON list of rows on stdout")
+    handlers["eval"] = cmd_eval
 
     info = sub.add_parser("info", help="versions, devices, memory, default model",
                           description="Show torch/CUDA versions, GPUs, host memory and the default model.")

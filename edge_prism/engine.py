@@ -46,12 +46,11 @@ class Engine:
     """A model ready to generate. Build it with :func:`edge_prism.load`."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, source: Path,
-                 max_context: int, runtime=None):
+                 max_context: int):
         self.model = model
         self._tokenizer = tokenizer
         self.source = source
         self.max_context = max_context
-        self.runtime = runtime
         self._cached: list[int] = []  # token ids whose keys/values are in the KV cache
         self._last = GenerationStats()
 
@@ -73,8 +72,13 @@ class Engine:
     def stats(self) -> dict:
         """Figures of the last generation, plus the runtime's when it keeps any."""
         out = self._last.as_dict()
-        if self.runtime is not None:
-            out.update(self.runtime.stats(self._last.token_latencies_s))
+        lat = sorted(self._last.token_latencies_s)
+        if lat:
+            out["token_latency_p50_ms"] = 1000 * lat[len(lat) // 2]
+            out["token_latency_p99_ms"] = 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+        report = getattr(self.model.store, "report", None)
+        if report is not None:
+            out.update(report())
         return out
 
     def generate(self, prompt: str, **sampling) -> str:
@@ -156,6 +160,9 @@ class Engine:
         self.model.reset(keep)
         self._cached = self._cached[:keep]
         stats = self._last = GenerationStats(prompt_tokens=len(ids), reused_prompt_tokens=keep)
+        reset = getattr(self.model.store, "reset_stats", None)
+        if reset is not None:
+            reset()  # runtime counters are reported per generation, like the rest
         budget = min(cfg.max_new_tokens, self.max_context - len(ids))
         if budget <= 0:
             return

@@ -79,6 +79,10 @@ class ExpertStore(Protocol):
         """The layer's kernels are issued: its slots may be reused once they finish."""
         ...
 
+    def capacity(self, layer: int) -> int:
+        """Most units one slots() call may ask for (a prefill may select more: chunks)."""
+        ...
+
 
 class Selector(Protocol):
     """Chooses sub-experts within the routed experts (the operating point)."""
@@ -171,6 +175,7 @@ class Transformer:
         self.dtype, self.device = dtype, device
         self.selector: Selector | None = None  # None: every part of every routed expert
         self.operating_point: int | None = None  # K, for reports (None: plain checkpoint)
+        self.route_top_k: int | None = None  # baseline curves: route to fewer experts than top_k
         self.ffn_observer: FFNObserver | None = None  # calibration: (layer, x, topv, topi)
         self.layer_observer: LayerObserver | None = None  # prefetcher: (layer, hidden) before layer
         self.cache = KVCache(spec, dtype=dtype, device=device)
@@ -242,7 +247,7 @@ class Transformer:
             return ones, torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
         logits = F.linear(x, lw.router)  # [T, E]
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
-        topv, topi = torch.topk(probs, f.top_k, dim=-1)  # [T, k]
+        topv, topi = torch.topk(probs, min(f.top_k, self.route_top_k or f.top_k), dim=-1)  # [T, k]
         if f.norm_topk_prob:
             topv = topv / topv.sum(dim=-1, keepdim=True)
         return topv.to(x.dtype), topi
@@ -281,8 +286,20 @@ class Transformer:
 
     def _experts(self, layer: int, x: torch.Tensor, topv: torch.Tensor, topi: torch.Tensor) -> torch.Tensor:
         units, wt = self.unit_weights(layer, x, topv, topi)  # [P], [P, T]
+        cap = self.store.capacity(layer)
+        if units.shape[0] <= cap:
+            return self._units(layer, x, units, wt)
+        # A prefill under a small memory budget can select more units than fit at once.
+        out = self._units(layer, x, units[:cap], wt[:cap])
+        for i in range(cap, units.shape[0], cap):
+            out = out + self._units(layer, x, units[i:i + cap], wt[i:i + cap])
+        return out
+
+    def _units(self, layer: int, x: torch.Tensor, units: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
         slots = self.store.slots(layer, units)  # [P]
         blocks = _gather(self.store.pool(layer), slots)  # [P, 3, n, D]
+        if blocks.dtype != x.dtype:
+            blocks = blocks.to(x.dtype)  # pool kept in the checkpoint's dtype
         P, _, n, D = blocks.shape
         gu = blocks[:, :2].reshape(P, 2 * n, D)  # [P, 2n, D]
         h = torch.matmul(x, gu.transpose(1, 2))  # [P, T, 2n]

@@ -1,0 +1,306 @@
+"""BudgetedStore: the model's ExpertStore when sub-experts must fit a memory budget.
+
+wanted units -> [ResidencyPolicy: hit | admit (evict by policy)] -> [Transferer: host tier ->
+slot] -> wait only for this layer's loads -> slot indices -> batched kernels -> done()
+
+One slot pool per sub-expert block shape (layers of a model may differ: dense layers
+among MoE layers). Each pool is preallocated at load; nothing is allocated per token.
+The hottest sub-experts by the activation profile fill a pinned region first; the rest
+of the slots are a cachetools-managed region (LRU or LFU).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from edge_prism.errors import BudgetError
+from edge_prism.types import SubExpertId
+
+from .device import host_available_bytes, pin
+from .policy import ResidencyPolicy
+from .sizes import format_size
+from .transfer import FileTier, MemoryTier, SlotPool, Ticket, Transferer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerBlocks:
+    """Where one layer's sub-expert blocks live in the prism checkpoint file."""
+
+    layer: int
+    parts: int  # S
+    units: int  # E*S
+    block_shape: tuple[int, ...]  # (3, n, D)
+    dtype: torch.dtype
+    offset: int  # byte offset of the layer's [E*S, 3, n, D] tensor
+    order: Sequence[int]  # unit id at each storage position
+    frequency: Sequence[float]  # activation profile, per unit id
+    max_selection: int  # largest number of units one decode token selects in this layer
+
+
+@dataclass
+class _Pool:
+    pool: SlotPool
+    policy: ResidencyPolicy
+    transfer: Transferer
+    index: dict[SubExpertId, int]  # key -> block index in this pool's host tier
+    min_slots: int
+
+
+@dataclass
+class StoreStats:
+    """Counters since load (or the last reset)."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_to_device: int = 0
+    transfer_wait_s: float = 0.0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    prefetched_unused_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def plan_slots(layers: Sequence[LayerBlocks], budget_bytes: int) -> dict[tuple, int]:
+    """Slots per block shape: every shape's minimum, the rest in proportion to its bytes."""
+    shapes: dict[tuple, dict] = {}
+    for lb in layers:
+        nbytes = _block_bytes(lb)
+        s = shapes.setdefault((lb.block_shape, lb.dtype), {"bytes": nbytes, "units": 0, "min": 0})
+        s["units"] += lb.units
+        s["min"] = max(s["min"], lb.max_selection)
+    minimum = sum(s["min"] * s["bytes"] for s in shapes.values())
+    if budget_bytes < minimum:
+        raise BudgetError(f"memory budget {format_size(budget_bytes)} cannot run one layer's largest "
+                          f"selection of sub-experts: minimum is {format_size(minimum)} "
+                          f"({minimum} bytes); raise --memory-budget")
+    total = sum(s["units"] * s["bytes"] for s in shapes.values())
+    spare = budget_bytes - minimum
+    out = {}
+    for key, s in shapes.items():
+        share = spare * (s["units"] * s["bytes"]) / total
+        out[key] = min(s["units"], s["min"] + int(share // s["bytes"]))
+    return out
+
+
+def minimum_budget(layers: Sequence[LayerBlocks]) -> int:
+    """The smallest budget that runs every layer's largest selection."""
+    mins: dict[tuple, int] = {}
+    for lb in layers:
+        key = (lb.block_shape, lb.dtype)
+        mins[key] = max(mins.get(key, 0), lb.max_selection * _block_bytes(lb))
+    return sum(mins.values())
+
+
+def _block_bytes(lb: LayerBlocks) -> int:
+    n = 1
+    for d in lb.block_shape:
+        n *= d
+    return n * lb.dtype.itemsize
+
+
+class BudgetedStore:
+    """An ExpertStore holding at most ``budget_bytes`` of sub-expert blocks on ``device``."""
+
+    def __init__(self, path, layers: Sequence[LayerBlocks], *, budget_bytes: int, device: torch.device,
+                 policy: str = "lru", workers: int = 2, host: str = "auto"):
+        self.device = device
+        self.layers = list(layers)
+        self.budget_bytes = budget_bytes
+        self.stats = StoreStats()
+        slots = plan_slots(self.layers, budget_bytes)
+        self._pools: dict[tuple, _Pool] = {}
+        self._layer_pool: list[_Pool] = []
+        self._held: list[tuple[list[SubExpertId], list[int]]] = [([], []) for _ in self.layers]
+        self._inflight: dict[SubExpertId, Ticket] = {}
+        self._prefetched: set[SubExpertId] = set()
+        by_shape: dict[tuple, list[LayerBlocks]] = {}
+        for lb in self.layers:
+            by_shape.setdefault((lb.block_shape, lb.dtype), []).append(lb)
+        for key, group in by_shape.items():
+            self._pools[key] = self._make_pool(path, group, slots[key], policy=policy, workers=workers,
+                                               host=host)
+        self._layer_pool = [self._pools[(lb.block_shape, lb.dtype)] for lb in self.layers]
+        self._warm()
+
+    # -- construction ------------------------------------------------------------------
+    def _make_pool(self, path, group: list[LayerBlocks], num_slots: int, *, policy: str, workers: int,
+                   host: str) -> _Pool:
+        lb0 = group[0]
+        nbytes = _block_bytes(lb0)
+        offsets, index, heat = [], {}, []
+        for lb in group:
+            for pos, unit in enumerate(lb.order):
+                key = SubExpertId(lb.layer, int(unit) // lb.parts, int(unit) % lb.parts)
+                index[key] = len(offsets)
+                offsets.append(lb.offset + pos * nbytes)
+                heat.append((-float(lb.frequency[int(unit)]), lb.layer, int(unit), key))
+        min_slots = max(lb.max_selection for lb in group)
+        # The dynamic region must hold a layer's largest selection (and room to prefetch);
+        # the hottest sub-experts fill the rest for good.
+        dynamic = min(num_slots, max(2 * min_slots, num_slots // 4))
+        hottest = [h[3] for h in sorted(heat)]
+        pinned = hottest[: num_slots - dynamic]
+        pool = SlotPool(num_slots, lb0.block_shape, lb0.dtype, self.device)
+        tier = self._host_tier(path, offsets, nbytes, lb0, host=host)
+        transfer = Transferer(pool, tier, self.device, workers=workers)
+        pol = ResidencyPolicy(num_slots, policy=policy, pinned=pinned)
+        logger.info("slot pool %s x %d: %d pinned, %d dynamic (%s)", lb0.block_shape, num_slots,
+                    len(pinned), num_slots - len(pinned), format_size(num_slots * nbytes))
+        p = _Pool(pool, pol, transfer, index, min_slots)
+        p.hottest = hottest  # type: ignore[attr-defined]
+        return p
+
+    def _host_tier(self, path, offsets, nbytes, lb0: LayerBlocks, *, host: str):
+        file_tier = FileTier(path, offsets, nbytes, lb0.dtype, lb0.block_shape)
+        if self.device.type != "cuda" or host == "disk":
+            return file_tier  # CPU: the mmap'd/pread checkpoint is the host tier
+        total = len(offsets) * nbytes
+        if host == "auto" and total > 0.8 * host_available_bytes():
+            logger.info("host RAM cannot hold %s of sub-experts: streaming from disk", format_size(total))
+            return file_tier
+        blocks = torch.empty((len(offsets), *lb0.block_shape), dtype=lb0.dtype)
+        for i in range(len(offsets)):
+            file_tier.read_into(i, blocks[i])
+        file_tier.close()
+        return MemoryTier(pin(blocks))
+
+    def _warm(self) -> None:
+        """Fill every slot with the hottest sub-experts (pinned first, then the dynamic region)."""
+        for p in self._pools.values():
+            tickets = [p.transfer.submit(p.index[key], slot) for key, slot in p.policy.pinned.items()]
+            for key in p.hottest[len(tickets):]:  # type: ignore[attr-defined]
+                if p.policy.free_slots() == 0:
+                    break
+                slot, _ = p.policy.admit(key)
+                tickets.append(p.transfer.submit(p.index[key], slot))
+            p.transfer.wait(tickets)
+            p.transfer.bytes_moved = 0
+
+    # -- ExpertStore -------------------------------------------------------------------
+    def capacity(self, layer: int) -> int:
+        """Most units one call of slots() may ask for in ``layer`` (the dynamic region)."""
+        p = self._layer_pool[layer]
+        return p.pool.num_slots - len(p.policy.pinned)
+
+    def slots(self, layer: int, units: torch.Tensor) -> torch.Tensor:
+        """Make ``units`` resident (loading misses), return their slots; waits for this layer only."""
+        p, S = self._layer_pool[layer], self.layers[layer].parts
+        keys = [SubExpertId(layer, u // S, u % S) for u in units.tolist()]
+        want = set(keys)
+        slots, tickets = [], []
+        for key in keys:
+            slot = p.policy.lookup(key)
+            if slot is None:
+                slot, evicted = p.policy.admit(key, protect=want)
+                if evicted is not None:
+                    self._forget(evicted, p)
+                tickets.append(p.transfer.submit(p.index[key], slot))
+                self.stats.misses += 1
+                self.stats.bytes_to_device += p.pool.slot_nbytes
+            else:
+                self.stats.hits += 1
+                pending = self._inflight.pop(key, None)
+                if pending is not None:
+                    tickets.append(pending)
+                if key in self._prefetched:
+                    self._prefetched.discard(key)
+                    self.stats.prefetch_used += 1
+            slots.append(slot)
+        p.policy.acquire(keys)
+        self.stats.transfer_wait_s += p.transfer.wait(tickets)
+        self._held[layer] = (keys, slots)
+        return torch.tensor(slots, dtype=torch.long)
+
+    def pool(self, layer: int) -> torch.Tensor:
+        """The slot buffer of ``layer``'s block shape [num_slots, 3, n, D]."""
+        return self._layer_pool[layer].pool.buffer
+
+    def done(self, layer: int) -> None:
+        """Kernels reading this layer's slots are issued: release them after they finish."""
+        p = self._layer_pool[layer]
+        keys, slots = self._held[layer]
+        p.transfer.mark_read(slots)
+        p.policy.release(keys)
+        self._held[layer] = ([], [])
+
+    # -- prefetch ----------------------------------------------------------------------
+    def prefetch(self, layer: int, units: Sequence[int], *, protect: Sequence[int] = ()) -> int:
+        """Start loading predicted ``units`` of ``layer`` not yet resident, best first.
+
+        Never evicts an in-use sub-expert (the current layer's); stops at the first unit
+        that finds no evictable slot. Returns how many loads were issued.
+        """
+        p, S = self._layer_pool[layer], self.layers[layer].parts
+        keep = {SubExpertId(layer, u // S, u % S) for u in protect}
+        issued = 0
+        for u in units:
+            key = SubExpertId(layer, u // S, u % S)
+            if p.policy.contains(key):
+                continue
+            try:
+                slot, evicted = p.policy.admit(key, protect=keep | {key})
+            except BudgetError:
+                break
+            if evicted is not None:
+                self._forget(evicted, p)
+            self._inflight[key] = p.transfer.submit(p.index[key], slot)
+            self._prefetched.add(key)
+            self.stats.prefetch_issued += 1
+            self.stats.bytes_to_device += p.pool.slot_nbytes
+            issued += 1
+        return issued
+
+    def is_resident(self, layer: int, unit: int) -> bool:
+        """Whether ``unit`` of ``layer`` has a slot (loaded or in flight)."""
+        S = self.layers[layer].parts
+        return self._layer_pool[layer].policy.contains(SubExpertId(layer, unit // S, unit % S))
+
+    def ready(self, layer: int, unit: int) -> bool:
+        """Whether ``unit`` of ``layer`` is resident and its load (if any) has landed."""
+        S = self.layers[layer].parts
+        key = SubExpertId(layer, unit // S, unit % S)
+        if not self._layer_pool[layer].policy.contains(key):
+            return False
+        t = self._inflight.get(key)
+        return t is None or t.done()
+
+    def _forget(self, key: SubExpertId, p: _Pool) -> None:
+        self._inflight.pop(key, None)
+        if key in self._prefetched:
+            self._prefetched.discard(key)
+            self.stats.prefetched_unused_bytes += p.pool.slot_nbytes
+
+    # -- reporting ---------------------------------------------------------------------
+    def report(self) -> dict:
+        """Counters for Engine.stats."""
+        s = self.stats
+        total = s.hits + s.misses
+        return {
+            "memory_budget_bytes": self.budget_bytes,
+            "resident_bytes": self.resident_bytes(),
+            "hits": s.hits,
+            "misses": s.misses,
+            "hit_rate": s.hits / total if total else 1.0,
+            "bytes_to_device": s.bytes_to_device,
+            "transfer_wait_s": s.transfer_wait_s,
+        }
+
+    def resident_bytes(self) -> int:
+        """Bytes of sub-experts held in slots now (never above the budget)."""
+        return sum((p.pool.num_slots - p.policy.free_slots()) * p.pool.slot_nbytes
+                   for p in self._pools.values())
+
+    def reset_stats(self) -> None:
+        """Zero the counters (a benchmark's warm-up is not counted)."""
+        self.stats = StoreStats()
+
+    def close(self) -> None:
+        """Stop transfer workers."""
+        for p in self._pools.values():
+            p.transfer.close()
