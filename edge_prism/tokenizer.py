@@ -2,9 +2,11 @@
 
 text --encode--> ids --model--> ids --StreamDecoder.push--> text pieces as they complete
 
-A thin wrapper over a ``tokenizers.Tokenizer``: the package never imports transformers, but
-it reproduces what transformers does with the same files (ids, chat rendering), because
-tests use transformers as the reference.
+A thin wrapper over a ``tokenizers.Tokenizer``. The package never imports transformers, but
+it gives the ids and chat renderings transformers gives for the same files (tests check it),
+except where transformers' GGUF conversion drops a step of the model's own tokenizer: for
+SmolLM2-style vocabularies (tokenizer.ggml.pre "smollm") we split digits as the original
+tokenizer.json and llama.cpp do.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import jinja2
 import jinja2.ext
@@ -22,7 +24,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
-from edge_prism.errors import TokenizerError, UnsupportedModelError
+from edge_prism.errors import CorruptCheckpointError, TokenizerError, UnsupportedModelError
 
 if TYPE_CHECKING:
     import gguf
@@ -54,6 +56,7 @@ _SPLIT_REGEX = {
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
 }
 _GPT2_PRE = frozenset({"default", "gpt2", "gpt-2", "mpt", "olmo", "jais"})
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table used by byte-level vocabularies."""
@@ -111,8 +114,8 @@ class StreamDecoder:
 class Tokenizer:
     """A model's tokenizer: encode/decode, special ids, stop ids, and its chat template.
 
-    Build it with :meth:`from_hf_dir` or :meth:`from_gguf`; both reproduce the ids
-    transformers gives for the same files.
+    Build it with :meth:`from_hf_dir` or :meth:`from_gguf`. Special tokens written in text
+    are encoded as their ids; ``stop_ids`` are the ids that end a reply.
     """
 
     def __init__(
@@ -179,7 +182,7 @@ class Tokenizer:
         BPE (``llama``: Llama 2, Mistral...).
         """
         path = Path(path)
-        meta = _GgufMeta(reader)
+        meta = _GgufMeta(reader, path)
         kind = meta.get("tokenizer.ggml.model")
         tokens = meta.get("tokenizer.ggml.tokens")
         if kind is None or not tokens:
@@ -189,7 +192,7 @@ class Tokenizer:
             backend = _byte_level_backend(path, meta, tokens, token_types)
             add_bos_default = False
         elif kind == "llama":
-            backend = _sentencepiece_backend(meta, tokens, token_types)
+            backend = _sentencepiece_backend(path, meta, tokens, token_types)
             # Older files have no flag, and llama.cpp adds BOS to a SentencePiece vocabulary by default.
             add_bos_default = True
         else:
@@ -257,7 +260,8 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
         """Render, then encode without adding BOS (the template writes it), as transformers'
         ``apply_chat_template(tokenize=True)`` does."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt), add_bos=False)
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return self.encode(text, add_bos=False)
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.source.name!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id})"
@@ -269,12 +273,29 @@ class Tokenizer:
 class _GgufMeta:
     """Read access to a GGUFReader's metadata fields as Python values."""
 
-    def __init__(self, reader: "gguf.GGUFReader") -> None:
+    def __init__(self, reader: "gguf.GGUFReader", path: Path) -> None:
         self._fields = reader.fields
+        self._path = path
 
     def get(self, key: str, default: Any = None) -> Any:
         field = self._fields.get(key)
-        return default if field is None else field.contents()
+        if field is None:
+            return default
+        try:
+            return field.contents()
+        except (ValueError, IndexError, UnicodeDecodeError) as exc:
+            raise CorruptCheckpointError(
+                f"{self._path}: GGUF metadata {key!r} is damaged ({exc}); re-download or re-convert the file"
+            ) from exc
+
+
+def _bpe(path: Path, **kwargs) -> models.BPE:
+    try:
+        return models.BPE(**kwargs)
+    except Exception as exc:  # the tokenizers library raises a bare Exception (e.g. a merge of unknown tokens)
+        raise CorruptCheckpointError(
+            f"{path}: the GGUF tokenizer is inconsistent ({exc}); re-download or re-convert the file"
+        ) from exc
 
 
 def _byte_level_backend(path: Path, meta: _GgufMeta, tokens: list[str], token_types: list[int]) -> Backend:
@@ -291,7 +312,7 @@ def _byte_level_backend(path: Path, meta: _GgufMeta, tokens: list[str], token_ty
     merges = meta.get("tokenizer.ggml.merges")
     if not merges:
         raise TokenizerError(f"{path}: byte-level GGUF tokenizer without tokenizer.ggml.merges; re-convert the model")
-    backend = Backend(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False))
+    backend = Backend(_bpe(path, vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False))
     backend.pre_tokenizer = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre") or "default")
     backend.decoder = decoders.ByteLevel()
     # A control token written outside the byte alphabet is a converter mislabel (transformers skips it too).
@@ -302,7 +323,10 @@ def _byte_level_backend(path: Path, meta: _GgufMeta, tokens: list[str], token_ty
 def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     if pre in _DIGITS_THEN_GPT2:
         return pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
         )
     if pre in _SPLIT_REGEX:
         return pre_tokenizers.Sequence(
@@ -316,7 +340,7 @@ def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
-def _sentencepiece_backend(meta: _GgufMeta, tokens: list[str], token_types: list[int]) -> Backend:
+def _sentencepiece_backend(path: Path, meta: _GgufMeta, tokens: list[str], token_types: list[int]) -> Backend:
     """SentencePiece-style BPE (byte fallback, '▁' for spaces) from tokens and merges or scores."""
     vocab = {token: index for index, token in enumerate(tokens)}
     merges = meta.get("tokenizer.ggml.merges")
@@ -327,7 +351,7 @@ def _sentencepiece_backend(meta: _GgufMeta, tokens: list[str], token_types: list
         pairs = _merges_from_scores(vocab, dict(zip(tokens, scores)))
     unk_id = meta.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
-    backend = Backend(models.BPE(vocab=vocab, merges=pairs, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    backend = Backend(_bpe(path, vocab=vocab, merges=pairs, unk_token=unk, fuse_unk=True, byte_fallback=True))
     add_prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
     backend.pre_tokenizer = pre_tokenizers.Metaspace(
         replacement="▁", prepend_scheme="first" if add_prefix else "never", split=False
@@ -336,7 +360,7 @@ def _sentencepiece_backend(meta: _GgufMeta, tokens: list[str], token_types: list
     if add_prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     backend.decoder = decoders.Sequence(steps)
-    _add_special_tokens(backend, tokens, token_types, keep=lambda t: True)
+    _add_special_tokens(backend, tokens, token_types)
     return backend
 
 
@@ -356,12 +380,14 @@ def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list
     return [(left, right) for left, right, _ in merges]
 
 
-def _add_special_tokens(backend: Backend, tokens: list[str], token_types: list[int], *, keep) -> None:
+def _add_special_tokens(
+    backend: Backend, tokens: list[str], token_types: list[int], *, keep: Callable[[str], bool] | None = None
+) -> None:
     """Make control tokens special and user-defined tokens whole, so text never cuts them up."""
     control = [
         AddedToken(token, normalized=False, special=True)
         for token, kind in zip(tokens, token_types)
-        if kind == _CONTROL and keep(token)
+        if kind == _CONTROL and (keep is None or keep(token))
     ]
     if control:
         backend.add_special_tokens(control)
@@ -421,7 +447,9 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False
+) -> str:
     # Jinja's own tojson escapes HTML characters, which chat templates do not want.
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
