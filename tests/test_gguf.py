@@ -188,7 +188,9 @@ def test_every_tensor_matches_transformers(checkpoint, reference):
         ours = checkpoint.tensors.get(name)
         assert ours.dtype == torch.float32
         assert checkpoint.tensors.shape(name) == tuple(ours.shape)
-        torch.testing.assert_close(ours, state_dict[name].float(), rtol=0, atol=1e-6, msg=name)
+        want = state_dict[name].float()
+        if not torch.equal(ours, want):  # assert_close is slow on CPU; only needed to explain a difference
+            torch.testing.assert_close(ours, want, rtol=0, atol=1e-6, msg=name)
 
 
 def test_config_matches_transformers(checkpoint, reference):

@@ -267,7 +267,9 @@ def _llama_config(meta: _Meta, by_name: dict, path: Path) -> dict:
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
     }
     if config["vocab_size"] is None:
-        raise CorruptCheckpointError(f"{path}: cannot tell the vocabulary size (no llama.vocab_size, tokens or embedding)")
+        raise CorruptCheckpointError(
+            f"{path}: cannot tell the vocabulary size (no llama.vocab_size, tokens or embedding); re-convert the model"
+        )
     rope_scaling = _rope_scaling(meta, by_name, path, head_dim=head_dim, theta=rope_theta)
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
@@ -278,7 +280,9 @@ def _per_layer_constant(meta: _Meta, key: str, default: int, path: Path) -> int:
     value = meta.get(key, default)
     if isinstance(value, list):  # some converters write one value per layer
         if len(set(value)) != 1:
-            raise UnsupportedModelError(f"{path}: {key} differs between layers ({sorted(set(value))}); not a Llama model")
+            raise UnsupportedModelError(
+                f"{path}: {key} differs between layers ({sorted(set(value))}); not a plain Llama model"
+            )
         value = value[0]
     return int(value)
 
@@ -399,5 +403,6 @@ def _check_shapes(path: Path, config: dict, tensors: GgufTensors) -> None:
     for name, shape in expected.items():
         if tensors.shape(name) != shape:
             raise ShapeMismatchError(
-                f"{path}: tensor {name} has shape {tensors.shape(name)}, the config implies {shape}; re-convert the model"
+                f"{path}: tensor {name} has shape {tensors.shape(name)}, but the config implies {shape}; "
+                "re-convert the model"
             )
