@@ -215,6 +215,26 @@ class Tokenizer:
             source=path,
         )
 
+    def save(self, directory: Path) -> None:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``directory``, so that
+        :meth:`from_hf_dir` (or transformers' AutoTokenizer) loads this tokenizer back unchanged;
+        a prism checkpoint carries its tokenizer this way, whatever the source format."""
+        directory = Path(directory)
+        self._backend.save(str(directory / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            # Explicit, so loaders do not fall back to guessing from a post-processor.
+            "add_bos_token": self.add_bos,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": self.chat_template,
+        }
+        config = {key: value for key, value in config.items() if value is not None}
+        text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+        (directory / "tokenizer_config.json").write_text(text, encoding="utf-8")
+
     # -- text <-> ids -----------------------------------------------------------------
 
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:

@@ -364,3 +364,20 @@ def test_model_without_chat_template(tmp_path):
 
 def test_hf_dir_without_tokenizer_json(tmp_path):
     assert Tokenizer.from_hf_dir(tmp_path) is None
+
+
+def test_saved_tokenizer_loads_back_unchanged(ours, tmp_path):
+    """A prism checkpoint stores its tokenizer with save() and reads it with from_hf_dir()."""
+    ours.save(tmp_path)
+    loaded = Tokenizer.from_hf_dir(tmp_path)
+    assert (loaded.bos_id, loaded.eos_id, loaded.add_bos) == (ours.bos_id, ours.eos_id, ours.add_bos)
+    assert (loaded.stop_ids, loaded.vocab_size) == (ours.stop_ids, ours.vocab_size)
+    assert loaded.chat_template == ours.chat_template
+    for text in TEXTS:
+        assert loaded.encode(text) == ours.encode(text)
+    messages = CONVERSATIONS["system_user_assistant"]
+    assert loaded.encode_chat(messages) == ours.encode_chat(messages)
+    # The saved files are ordinary Hugging Face tokenizer files, digit split included.
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in TEXTS:
+        assert _ids(reference.encode(text)) == ours.encode(text), text
