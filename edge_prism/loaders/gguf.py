@@ -93,8 +93,8 @@ def load_gguf(path: Path) -> RawCheckpoint:
 class GgufTensors:
     """The tensors of a GGUF file under Hugging Face Llama names, dequantized on demand.
 
-    ``get`` returns a new float32 tensor: quantized data has to be expanded anyway, and the
-    reader's read-only mmap must never be handed out as a writable torch tensor.
+    ``get`` returns a new float32 tensor that owns its memory: quantized data has to be
+    expanded anyway, and the reader's read-only mmap must never back a writable torch tensor.
     """
 
     def __init__(self, path: Path, by_name: dict, config: dict) -> None:
@@ -134,7 +134,9 @@ class GgufTensors:
         projection = name.rsplit(".", 2)[-2]
         if projection in self._heads:
             values = _unpermute_rope(values, self._heads[projection])
-        return torch.from_numpy(np.array(values, dtype=np.float32, copy=True))
+        if not values.flags.writeable:  # F32 data is still a view of the read-only mmap
+            values = values.copy()
+        return torch.from_numpy(np.ascontiguousarray(values))
 
     def _reader_tensor(self, name: str):
         try:
