@@ -32,6 +32,8 @@ class RuntimeConfig:
     gate: str | None = None  # None: the prism checkpoint's default gate kind
     memory_budget: str | int | None = None  # None: every sub-expert resident
     policy: str = "lru"  # replacement policy of the dynamic slot region
+    prefetch: bool = True  # predict and load later layers' sub-experts ahead of use (budgeted)
+    token_latency_ms: float | None = None  # None: never drop sub-experts (exact)
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         """The compute dtype for ``device``."""
@@ -47,18 +49,21 @@ class RuntimeConfig:
 
 def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | None = None,
          max_context: int | None = None, operating_point: int | None = None,
-         gate: str | None = None, memory_budget: str | int | None = None, policy: str = "lru") -> Engine:
+         gate: str | None = None, memory_budget: str | int | None = None, policy: str = "lru",
+         prefetch: bool = True, token_latency_ms: float | None = None) -> Engine:
     """Load ``model`` and return an Engine ready to generate.
 
     ``model``: a Hugging Face directory, a .gguf file, a prism checkpoint directory, or
     None / 'default' for the bundled SmolLM2-135M-Instruct. ``operating_point``: active
     sub-experts per token per MoE layer (prism checkpoints; default full, exact).
     ``memory_budget``: bytes of sub-expert weights resident on the device ('512MiB',
-    '1.5GiB', a byte count, '25%' of all sub-experts, or 'auto'); the rest stream in.
+    '1.5GiB', a byte count, '25%' of all sub-experts, or 'auto'); the rest stream in,
+    predicted and loaded ahead of use when ``prefetch``. ``token_latency_ms``: a decode
+    token runs with fewer sub-experts rather than miss this budget.
     """
     cfg = RuntimeConfig(device=device, dtype=dtype, max_context=max_context,
                         operating_point=operating_point, gate=gate, memory_budget=memory_budget,
-                        policy=policy)
+                        policy=policy, prefetch=prefetch, token_latency_ms=token_latency_ms)
     return load_with(model, cfg)
 
 
@@ -83,8 +88,10 @@ def load_with(model: str | Path | None, cfg: RuntimeConfig) -> Engine:
     if is_prism(path):
         transformer, tokenizer = _build_prism(path, cfg, dtype=dtype, device=dev)
     else:
-        if cfg.operating_point is not None or cfg.gate is not None or cfg.memory_budget is not None:
-            raise ConfigError(f"{path}: operating points and memory budgets need a prism checkpoint; "
+        if (cfg.operating_point is not None or cfg.gate is not None or cfg.memory_budget is not None
+                or cfg.token_latency_ms is not None):
+            raise ConfigError(f"{path}: operating points and memory or latency budgets need a prism "
+                              "checkpoint; "
                               f"run `edge-prism refactor {path} --out DIR` and load DIR")
         raw = open_checkpoint(path)
         spec = build_spec(raw.config, where=str(path / "config.json" if path.is_dir() else path))
@@ -120,9 +127,14 @@ def _build_prism(path: Path, cfg: RuntimeConfig, *, dtype: torch.dtype, device: 
         store = _budgeted_store(pc, spec, k, cfg, device=device)
     weights = build_weights(spec, reader)
     model = Transformer(spec, weights, store, parts=parts, dtype=dtype, device=device)
+    if k != full or cfg.token_latency_ms is not None:
+        model.gates = [_layer_gate(pc, layer, kind, dtype, device) for layer in range(spec.num_layers)]
     if k != full:  # full K needs no gate: the exact path stays untouched
-        gates = [_layer_gate(pc, layer, kind, dtype, device) for layer in range(spec.num_layers)]
-        model.selector = SubExpertSelector(spec, parts, gates, k)
+        model.selector = SubExpertSelector(spec, parts, model.gates, k)
+    if cfg.prefetch and cfg.memory_budget is not None:
+        model.prefetcher = _prefetcher(pc, model)
+    if cfg.token_latency_ms is not None:
+        model.planner = _planner(model, cfg, device=device, dtype=dtype)
     model.operating_point = k
     return model, Tokenizer.from_hf_dir(path)
 
@@ -172,7 +184,7 @@ def resolve_budget(budget: str | int, layers: list, *, device: torch.device, res
 
 def _budgeted_store(pc, spec: ModelSpec, k: int, cfg: RuntimeConfig, *, device: torch.device):
     from edge_prism.runtime.sizes import format_size
-    from edge_prism.runtime.store import BudgetedStore, minimum_budget
+    from edge_prism.runtime.store import BudgetedStore, minimum_budget, prism_tiers
 
     layers = layer_blocks(pc, spec, k)
     nbytes = resolve_budget(cfg.memory_budget, layers, device=device,
@@ -182,8 +194,34 @@ def _budgeted_store(pc, spec: ModelSpec, k: int, cfg: RuntimeConfig, *, device: 
         raise BudgetError(f"memory budget '{cfg.memory_budget}' is {format_size(nbytes)}, below what one "
                           f"layer's largest selection needs: minimum is {format_size(m)} ({m} bytes); "
                           "raise --memory-budget or lower --operating-point")
-    return BudgetedStore(pc.path / "experts.safetensors", layers, budget_bytes=nbytes, device=device,
-                         policy=cfg.policy)
+    tiers = prism_tiers(pc.path / "experts.safetensors", device)
+    return BudgetedStore(tiers, layers, budget_bytes=nbytes, device=device, policy=cfg.policy)
+
+
+def _prefetcher(pc, model: Transformer):
+    from edge_prism.prefetch import Predictor, Prefetcher
+
+    corrections = {}
+    names = set(pc.gates.names())
+    for layer in range(model.spec.num_layers):
+        for d in (1, 2):
+            key = f"layers.{layer}.predict.{d}"
+            if f"{key}.scale" in names:
+                corrections[(layer, d)] = (pc.gate_tensor(f"{key}.scale").to(model.device),
+                                           pc.gate_tensor(f"{key}.bias").to(model.device))
+    return Prefetcher(Predictor(model, corrections), model.store)
+
+
+def _planner(model: Transformer, cfg: RuntimeConfig, *, device: torch.device, dtype: torch.dtype):
+    from edge_prism.runtime.planner import LatencyPlanner, measure_cost_model
+
+    if cfg.token_latency_ms <= 0:
+        raise ConfigError(f"invalid token latency budget {cfg.token_latency_ms} ms: use a positive number")
+    s = model.spec
+    signature = (f"{s.family}-L{s.num_layers}-D{s.hidden_size}-W{max(f.width for f in s.ffn)}-"
+                 f"S{max(model.parts)}-{str(dtype).removeprefix('torch.')}")
+    cost = measure_cost_model(model, device=device, signature=signature)
+    return LatencyPlanner(model, model.store, cost, budget_s=cfg.token_latency_ms / 1000)
 
 
 def _layer_gate(pc, layer: int, kind: str, dtype: torch.dtype, device: torch.device):

@@ -188,6 +188,15 @@ class ResidentStore:
         """Every unit of the layer fits."""
         return self.pools[layer].shape[0]
 
+    def ready(self, layer: int, unit: int) -> bool:
+        """Always: nothing is ever loaded."""
+        return True
+
+    def block_nbytes(self, layer: int) -> int:
+        """Bytes of one sub-expert block of ``layer``."""
+        b = self.pools[layer][0]
+        return b.numel() * b.element_size()
+
     def nbytes(self) -> int:
         """Bytes of all blocks."""
         return sum(p.numel() * p.element_size() for p in self.pools)

@@ -64,6 +64,10 @@ def add_runtime_args(p: argparse.ArgumentParser, *, operating_point: bool = True
                         "(default: all resident)")
     p.add_argument("--policy", default="lru", choices=("lru", "lfu"),
                    help="replacement policy of the non-pinned slots")
+    p.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                   help="do not predict and load sub-experts ahead of use")
+    p.add_argument("--token-latency-ms", type=float, default=None,
+                   help="decode-token latency budget: run fewer sub-experts rather than miss it")
 
 
 def runtime_config(args: argparse.Namespace, **override):
@@ -74,7 +78,9 @@ def runtime_config(args: argparse.Namespace, **override):
                   operating_point=getattr(args, "operating_point", None),
                   gate=getattr(args, "gate", None),
                   memory_budget=getattr(args, "memory_budget", None),
-                  policy=getattr(args, "policy", "lru"))
+                  policy=getattr(args, "policy", "lru"),
+                  prefetch=getattr(args, "prefetch", True),
+                  token_latency_ms=getattr(args, "token_latency_ms", None))
     fields.update(override)
     return RuntimeConfig(**fields)
 

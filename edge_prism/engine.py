@@ -76,10 +76,16 @@ class Engine:
         if lat:
             out["token_latency_p50_ms"] = 1000 * lat[len(lat) // 2]
             out["token_latency_p99_ms"] = 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]
-        report = getattr(self.model.store, "report", None)
-        if report is not None:
-            out.update(report())
+        for part in self._reporters():
+            if part is self.model.planner:
+                out.update(part.report(self._last.token_latencies_s))
+            else:
+                out.update(part.report())
         return out
+
+    def _reporters(self) -> list:
+        m = self.model
+        return [p for p in (m.store, m.prefetcher, m.planner) if hasattr(p, "report")]
 
     def generate(self, prompt: str, **sampling) -> str:
         """The continuation of raw text ``prompt`` (no chat template)."""
@@ -160,9 +166,8 @@ class Engine:
         self.model.reset(keep)
         self._cached = self._cached[:keep]
         stats = self._last = GenerationStats(prompt_tokens=len(ids), reused_prompt_tokens=keep)
-        reset = getattr(self.model.store, "reset_stats", None)
-        if reset is not None:
-            reset()  # runtime counters are reported per generation, like the rest
+        for part in self._reporters():
+            part.reset_stats()  # runtime counters are reported per generation, like the rest
         budget = min(cfg.max_new_tokens, self.max_context - len(ids))
         if budget <= 0:
             return

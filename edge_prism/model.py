@@ -161,8 +161,28 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-FFNObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
-LayerObserver = Callable[[int, torch.Tensor], None]
+FFNObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class Planner(Protocol):
+    """Trims a decode token's selection to meet a token-latency budget (runtime.planner)."""
+
+    def start_token(self) -> None:
+        """A decode token begins."""
+        ...
+
+    def plan(self, layer: int, x: torch.Tensor, units: torch.Tensor, wt: torch.Tensor,
+             topi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The units [P'] and weights [P', 1] to compute (a subset, never below the floor)."""
+        ...
+
+
+class Prefetcher(Protocol):
+    """Loads the sub-experts later layers will select, ahead of use (edge_prism.prefetch)."""
+
+    def on_selected(self, layer: int, resid: torch.Tensor, units: torch.Tensor) -> None:
+        """Layer ``layer`` selected ``units`` (now resident); ``resid`` [1, D] after its attention."""
+        ...
 
 
 class Transformer:
@@ -176,8 +196,10 @@ class Transformer:
         self.selector: Selector | None = None  # None: every part of every routed expert
         self.operating_point: int | None = None  # K, for reports (None: plain checkpoint)
         self.route_top_k: int | None = None  # baseline curves: route to fewer experts than top_k
-        self.ffn_observer: FFNObserver | None = None  # calibration: (layer, x, topv, topi)
-        self.layer_observer: LayerObserver | None = None  # prefetcher: (layer, hidden) before layer
+        self.gates: list | None = None  # sub-expert gates per layer (select.LayerGate), when loaded
+        self.ffn_observer: FFNObserver | None = None  # calibration: (layer, resid, x, topv, topi)
+        self.prefetcher: Prefetcher | None = None  # decode only
+        self.planner: Planner | None = None  # decode only: token-latency budget
         self.cache = KVCache(spec, dtype=dtype, device=device)
         self._rope_len = 0
         self._ensure_rope(256)
@@ -206,11 +228,11 @@ class Transformer:
         h = self.w.embed[ids.to(self.device)]  # [T, D]
         cos = self.cos[start:start + T, None, :]  # [T, 1, hd]
         sin = self.sin[start:start + T, None, :]
+        if T == 1 and self.planner is not None:
+            self.planner.start_token()
         for layer, lw in enumerate(self.w.layers):
-            if self.layer_observer is not None:
-                self.layer_observer(layer, h)
             h = h + self._attention(layer, lw, _rms(h, lw.attn_norm, self.spec.rms_norm_eps), cos, sin, start)
-            h = h + self._ffn(layer, lw, _rms(h, lw.ffn_norm, self.spec.rms_norm_eps))
+            h = h + self._ffn(layer, lw, _rms(h, lw.ffn_norm, self.spec.rms_norm_eps), h)
         self.cache.length = start + T
         if not all_logits:
             h = h[-1:]
@@ -252,18 +274,24 @@ class Transformer:
             topv = topv / topv.sum(dim=-1, keepdim=True)
         return topv.to(x.dtype), topi
 
-    def _ffn(self, layer: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    def _ffn(self, layer: int, lw: LayerWeights, x: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         f = self.spec.ffn[layer]
         topv, topi = self.route(layer, x)  # [T, k]
         if self.ffn_observer is not None:
-            self.ffn_observer(layer, x, topv, topi)
-        out = self._experts(layer, x, topv, topi)  # [T, D]
+            self.ffn_observer(layer, resid, x, topv, topi)
+        out = self._experts(layer, x, topv, topi, resid)  # [T, D]
         if f.shared_width:
             gu = F.linear(x, lw.shared_gu)  # [T, 2*Ws]
             g, u = gu.chunk(2, dim=-1)
             shared = F.linear(F.silu(g) * u, lw.shared_down)  # [T, D]
             out = out + torch.sigmoid(F.linear(x, lw.shared_gate)) * shared
         return out
+
+    def part_scores(self, layer: int, x: torch.Tensor, topi: torch.Tensor) -> torch.Tensor | None:
+        """Sub-expert gate scores [T, k, S] of the routed experts (None without gates)."""
+        if self.gates is None or self.gates[layer] is None:
+            return None
+        return self.gates[layer].scores(x, topi)
 
     def unit_weights(self, layer: int, x: torch.Tensor, topv: torch.Tensor,
                      topi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,19 +312,27 @@ class Transformer:
         chosen = (dense != 0).any(dim=1).nonzero().squeeze(1)  # [P]
         return chosen.cpu(), dense[chosen]  # [P], [P, T]
 
-    def _experts(self, layer: int, x: torch.Tensor, topv: torch.Tensor, topi: torch.Tensor) -> torch.Tensor:
+    def _experts(self, layer: int, x: torch.Tensor, topv: torch.Tensor, topi: torch.Tensor,
+                 resid: torch.Tensor) -> torch.Tensor:
         units, wt = self.unit_weights(layer, x, topv, topi)  # [P], [P, T]
+        decode = x.shape[0] == 1
+        if decode and self.planner is not None:
+            units, wt = self.planner.plan(layer, x, units, wt, topi)  # [P'], [P', 1]
         cap = self.store.capacity(layer)
         if units.shape[0] <= cap:
-            return self._units(layer, x, units, wt)
+            return self._units(layer, x, units, wt, resid if decode else None)
         # A prefill under a small memory budget can select more units than fit at once.
         out = self._units(layer, x, units[:cap], wt[:cap])
         for i in range(cap, units.shape[0], cap):
             out = out + self._units(layer, x, units[i:i + cap], wt[i:i + cap])
         return out
 
-    def _units(self, layer: int, x: torch.Tensor, units: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    def _units(self, layer: int, x: torch.Tensor, units: torch.Tensor, wt: torch.Tensor,
+               resid: torch.Tensor | None = None) -> torch.Tensor:
         slots = self.store.slots(layer, units)  # [P]
+        if resid is not None and self.prefetcher is not None:
+            # Loads for the next layers overlap this layer's compute.
+            self.prefetcher.on_selected(layer, resid, units)
         blocks = _gather(self.store.pool(layer), slots)  # [P, 3, n, D]
         if blocks.dtype != x.dtype:
             blocks = blocks.to(x.dtype)  # pool kept in the checkpoint's dtype

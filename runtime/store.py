@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ from edge_prism.types import SubExpertId
 from .device import host_available_bytes, pin
 from .policy import ResidencyPolicy
 from .sizes import format_size
-from .transfer import FileTier, MemoryTier, SlotPool, Ticket, Transferer
+from .transfer import FileTier, HostTier, MemoryTier, SlotPool, Ticket, Transferer
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class StoreStats:
     prefetch_issued: int = 0
     prefetch_used: int = 0
     prefetched_unused_bytes: int = 0
+    prefetch_cancelled: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -104,11 +105,41 @@ def _block_bytes(lb: LayerBlocks) -> int:
     return n * lb.dtype.itemsize
 
 
+TierFactory = Callable[[list[LayerBlocks], list[int], int], HostTier]
+"""(layers of one block shape, byte offset of each block, bytes per block) -> host tier."""
+
+
+def prism_tiers(path, device: torch.device, *, host: str = "auto") -> TierFactory:
+    """Host tiers over a prism checkpoint's experts.safetensors.
+
+    CPU device: the file itself (read with pread, so blocks outside the budget never sit in
+    process memory). CUDA: every block in page-locked RAM when it fits (``host='auto'``),
+    else the file through pinned staging buffers (``host='disk'`` forces this).
+    """
+
+    def make(group: list[LayerBlocks], offsets: list[int], nbytes: int) -> HostTier:
+        lb0 = group[0]
+        file_tier = FileTier(path, offsets, nbytes, lb0.dtype, lb0.block_shape)
+        if device.type != "cuda" or host == "disk":
+            return file_tier
+        total = len(offsets) * nbytes
+        if host == "auto" and total > 0.8 * host_available_bytes():
+            logger.info("host RAM cannot hold %s of sub-experts: streaming from disk", format_size(total))
+            return file_tier
+        blocks = torch.empty((len(offsets), *lb0.block_shape), dtype=lb0.dtype)
+        for i in range(len(offsets)):
+            file_tier.read_into(i, blocks[i])
+        file_tier.close()
+        return MemoryTier(pin(blocks))
+
+    return make
+
+
 class BudgetedStore:
     """An ExpertStore holding at most ``budget_bytes`` of sub-expert blocks on ``device``."""
 
-    def __init__(self, path, layers: Sequence[LayerBlocks], *, budget_bytes: int, device: torch.device,
-                 policy: str = "lru", workers: int = 2, host: str = "auto"):
+    def __init__(self, tiers: TierFactory, layers: Sequence[LayerBlocks], *, budget_bytes: int,
+                 device: torch.device, policy: str = "lru", workers: int = 2):
         self.device = device
         self.layers = list(layers)
         self.budget_bytes = budget_bytes
@@ -123,14 +154,13 @@ class BudgetedStore:
         for lb in self.layers:
             by_shape.setdefault((lb.block_shape, lb.dtype), []).append(lb)
         for key, group in by_shape.items():
-            self._pools[key] = self._make_pool(path, group, slots[key], policy=policy, workers=workers,
-                                               host=host)
+            self._pools[key] = self._make_pool(tiers, group, slots[key], policy=policy, workers=workers)
         self._layer_pool = [self._pools[(lb.block_shape, lb.dtype)] for lb in self.layers]
         self._warm()
 
     # -- construction ------------------------------------------------------------------
-    def _make_pool(self, path, group: list[LayerBlocks], num_slots: int, *, policy: str, workers: int,
-                   host: str) -> _Pool:
+    def _make_pool(self, tiers: TierFactory, group: list[LayerBlocks], num_slots: int, *, policy: str,
+                   workers: int) -> _Pool:
         lb0 = group[0]
         nbytes = _block_bytes(lb0)
         offsets, index, heat = [], {}, []
@@ -147,7 +177,7 @@ class BudgetedStore:
         hottest = [h[3] for h in sorted(heat)]
         pinned = hottest[: num_slots - dynamic]
         pool = SlotPool(num_slots, lb0.block_shape, lb0.dtype, self.device)
-        tier = self._host_tier(path, offsets, nbytes, lb0, host=host)
+        tier = tiers(group, offsets, nbytes)
         transfer = Transferer(pool, tier, self.device, workers=workers)
         pol = ResidencyPolicy(num_slots, policy=policy, pinned=pinned)
         logger.info("slot pool %s x %d: %d pinned, %d dynamic (%s)", lb0.block_shape, num_slots,
@@ -155,20 +185,6 @@ class BudgetedStore:
         p = _Pool(pool, pol, transfer, index, min_slots)
         p.hottest = hottest  # type: ignore[attr-defined]
         return p
-
-    def _host_tier(self, path, offsets, nbytes, lb0: LayerBlocks, *, host: str):
-        file_tier = FileTier(path, offsets, nbytes, lb0.dtype, lb0.block_shape)
-        if self.device.type != "cuda" or host == "disk":
-            return file_tier  # CPU: the mmap'd/pread checkpoint is the host tier
-        total = len(offsets) * nbytes
-        if host == "auto" and total > 0.8 * host_available_bytes():
-            logger.info("host RAM cannot hold %s of sub-experts: streaming from disk", format_size(total))
-            return file_tier
-        blocks = torch.empty((len(offsets), *lb0.block_shape), dtype=lb0.dtype)
-        for i in range(len(offsets)):
-            file_tier.read_into(i, blocks[i])
-        file_tier.close()
-        return MemoryTier(pin(blocks))
 
     def _warm(self) -> None:
         """Fill every slot with the hottest sub-experts (pinned first, then the dynamic region)."""
@@ -230,21 +246,22 @@ class BudgetedStore:
         self._held[layer] = ([], [])
 
     # -- prefetch ----------------------------------------------------------------------
-    def prefetch(self, layer: int, units: Sequence[int], *, protect: Sequence[int] = ()) -> int:
+    def prefetch(self, layer: int, units: Sequence[int], *, protect: Collection[SubExpertId] = ()) -> int:
         """Start loading predicted ``units`` of ``layer`` not yet resident, best first.
 
-        Never evicts an in-use sub-expert (the current layer's); stops at the first unit
-        that finds no evictable slot. Returns how many loads were issued.
+        Never evicts an in-use sub-expert (the current layer's) nor a key in ``protect``
+        (nearer predictions); stops at the first unit that finds no evictable slot.
+        Returns how many loads were issued.
         """
         p, S = self._layer_pool[layer], self.layers[layer].parts
-        keep = {SubExpertId(layer, u // S, u % S) for u in protect}
+        keys = [SubExpertId(layer, u // S, u % S) for u in units]
+        keep = set(protect) | set(keys)
         issued = 0
-        for u in units:
-            key = SubExpertId(layer, u // S, u % S)
+        for key in keys:
             if p.policy.contains(key):
                 continue
             try:
-                slot, evicted = p.policy.admit(key, protect=keep | {key})
+                slot, evicted = p.policy.admit(key, protect=keep)
             except BudgetError:
                 break
             if evicted is not None:
@@ -255,6 +272,19 @@ class BudgetedStore:
             self.stats.bytes_to_device += p.pool.slot_nbytes
             issued += 1
         return issued
+
+    def drop_stale(self, layer: int, units: Collection[int]) -> None:
+        """Predicted ``units`` of ``layer`` were not selected: cancel their loads still queued."""
+        p, S = self._layer_pool[layer], self.layers[layer].parts
+        for u in units:
+            key = SubExpertId(layer, u // S, u % S)
+            ticket = self._inflight.get(key)
+            if key in self._prefetched and ticket is not None and ticket.cancel():
+                del self._inflight[key]
+                self._prefetched.discard(key)
+                p.policy.discard(key)
+                self.stats.bytes_to_device -= p.pool.slot_nbytes
+                self.stats.prefetch_cancelled += 1
 
     def is_resident(self, layer: int, unit: int) -> bool:
         """Whether ``unit`` of ``layer`` has a slot (loaded or in flight)."""
@@ -269,6 +299,10 @@ class BudgetedStore:
             return False
         t = self._inflight.get(key)
         return t is None or t.done()
+
+    def block_nbytes(self, layer: int) -> int:
+        """Bytes of one sub-expert block of ``layer``."""
+        return self._layer_pool[layer].pool.slot_nbytes
 
     def _forget(self, key: SubExpertId, p: _Pool) -> None:
         self._inflight.pop(key, None)
@@ -289,6 +323,7 @@ class BudgetedStore:
             "hit_rate": s.hits / total if total else 1.0,
             "bytes_to_device": s.bytes_to_device,
             "transfer_wait_s": s.transfer_wait_s,
+            "prefetched_unused_bytes": s.prefetched_unused_bytes,
         }
 
     def resident_bytes(self) -> int:

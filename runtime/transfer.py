@@ -222,12 +222,18 @@ class Ticket:
         """Whether the block is in its slot (or its transfer failed; wait() then raises), without blocking."""
         handle = self._handle
         if self._future is not None:
+            if self._future.cancelled():
+                return True
             if not self._future.done():
                 return False
             if self._future.exception() is not None:
                 return True
             handle = self._future.result()
         return handle is None or handle.done()
+
+    def cancel(self) -> bool:
+        """Cancel the transfer if it has not started (worker queue); True when cancelled."""
+        return self._future is not None and self._future.cancel()
 
     def __repr__(self) -> str:
         return f"Ticket(index={self.index}, slot={self.slot}, done={self.done()})"

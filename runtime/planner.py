@@ -1,0 +1,226 @@
+"""QoS planner: keep a token-latency budget by running fewer sub-experts, never stalling.
+
+per decode token: start_token() -> per layer: time left / layers left -> this layer's
+share -> predicted arrival of each missing sub-expert (cost model) + compute time ->
+drop the lowest-priority sub-experts that do not fit, down to the floor (the top
+sub-expert of the top expert is always computed).
+
+Priority of a selected sub-expert = its expert's router weight x a rank weight from its
+sub-expert gate score within the expert (parts are stored hottest first, so without gate
+scores the part index stands in). Lowest priority is dropped first. Without a budget the
+planner is not installed and nothing is dropped.
+
+The cost model (host-to-device bandwidth, per-copy overhead, per-unit and per-layer
+compute time) is measured at start-up and cached per device and model shape in a
+profiles directory (``EDGE_PRISM_PROFILES``, else the repository's ``profiles/`` when
+writable, else the user cache).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .device import gpu_info, measure_h2d_bandwidth, synchronize
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CostModel:
+    """Measured costs on one device for one model shape."""
+
+    device: str
+    h2d_bytes_per_s: float
+    copy_overhead_s: float
+    unit_s: float  # compute time per selected sub-expert (decode)
+    layer_fixed_s: float  # attention, norms, router: per layer per decode token
+    head_s: float  # final norm and lm_head per token
+    workers: int = 2
+
+    def load_s(self, nbytes: int, count: int) -> float:
+        """Time until ``count`` loads of ``nbytes`` each have arrived (queued on workers)."""
+        if count <= 0:
+            return 0.0
+        per = self.copy_overhead_s + nbytes / self.h2d_bytes_per_s
+        waves = -(-count // max(self.workers, 1))
+        return waves * per
+
+
+def device_name(device: torch.device) -> str:
+    """A stable name for cost-model caching: the GPU model or the CPU model."""
+    if device.type == "cuda":
+        info = gpu_info()
+        return info[0]["name"] if info else "cuda"
+    name = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu-{name or platform.machine()}-{os.cpu_count()}c"
+
+
+def profiles_dir() -> Path:
+    """Where measured device profiles are cached."""
+    env = os.environ.get("EDGE_PRISM_PROFILES")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parents[1] / "profiles"
+    if repo.is_dir() and os.access(repo, os.W_OK):
+        return repo
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-prism" / "profiles"
+
+
+def _cache_path(device: torch.device, signature: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{device_name(device)}-{signature}")
+    return profiles_dir() / f"cost-{safe}.json"
+
+
+def measure_cost_model(model, *, device: torch.device, signature: str, use_cache: bool = True) -> CostModel:
+    """The cost model for ``model`` on ``device``: cached, else measured now (~1 s)."""
+    path = _cache_path(device, signature)
+    if use_cache and path.exists():
+        try:
+            return CostModel(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError):
+            logger.warning("ignoring unreadable cost model %s", path)
+    cost = _measure(model, device)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(cost), indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        logger.info("cannot cache the cost model in %s: %s", path, e)
+    return cost
+
+
+def _timed(fn, repeats: int, device: torch.device) -> float:
+    fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.inference_mode()
+def _measure(model, device: torch.device) -> CostModel:
+    spec = model.spec
+    bw = measure_h2d_bandwidth(device, nbytes=16 * 2**20, repeats=3)
+    small = torch.empty(4096, dtype=torch.uint8).pin_memory() if device.type == "cuda" else torch.empty(4096, dtype=torch.uint8)
+    dst = torch.empty(4096, dtype=torch.uint8, device=device)
+    overhead = _timed(lambda: dst.copy_(small, non_blocking=True), 20, device)
+    if device.type == "cpu":
+        overhead = max(overhead, 20e-6)  # a worker hand-off and a pread cost more than a memcpy
+    # Compute per unit: the biggest layer's block shape, P=1 and P=many, gathered from its pool.
+    layer = max(range(spec.num_layers), key=lambda i: model.store.pool(i)[0].numel())
+    pool = model.store.pool(layer)
+    x = torch.randn(1, spec.hidden_size, device=device, dtype=model.dtype) * 0.1
+    many = min(pool.shape[0], max(2, spec.ffn[layer].top_k * model.parts[layer]))
+
+    def units(p: int):
+        blocks = pool[:p].to(model.dtype)
+        n = blocks.shape[2]
+        h = torch.matmul(x, blocks[:, :2].reshape(p, 2 * n, -1).transpose(1, 2))
+        act = F.silu(h[..., :n]) * h[..., n:]
+        return torch.bmm(act, blocks[:, 2]).sum(0)
+
+    t1, tm = _timed(lambda: units(1), 10, device), _timed(lambda: units(many), 10, device)
+    unit_s = max((tm - t1) / max(many - 1, 1), 1e-7)
+    # Per-layer fixed work (attention over a short cache, norms, router) and the head.
+    lw = model.w.layers[layer]
+    qkv = lambda: F.linear(F.linear(x, lw.wqkv, lw.bqkv)[:, : lw.wo.shape[1]], lw.wo)  # noqa: E731
+    fixed = _timed(qkv, 10, device) * 1.5  # attention matmuls, norms and router on top
+    head = _timed(lambda: F.linear(x, model.w.lm_head), 5, device)
+    return CostModel(device=device_name(device), h2d_bytes_per_s=bw, copy_overhead_s=overhead,
+                     unit_s=unit_s, layer_fixed_s=fixed + t1 - unit_s, head_s=head)
+
+
+class LatencyPlanner:
+    """Trims each decode token's per-layer selection to fit ``budget_s`` (a model.Planner)."""
+
+    def __init__(self, model, store, cost: CostModel, *, budget_s: float):
+        self.model, self.store, self.cost, self.budget_s = model, store, cost, budget_s
+        self.L = model.spec.num_layers
+        self._t0 = time.perf_counter()
+        self.dropped = 0
+        self.tokens = 0
+
+    def reset_stats(self) -> None:
+        """Zero the drop counters."""
+        self.dropped = 0
+        self.tokens = 0
+
+    def start_token(self) -> None:
+        """A decode token begins now."""
+        self._t0 = time.perf_counter()
+        self.tokens += 1
+
+    def _share(self, layer: int) -> float:
+        c = self.cost
+        left = self.budget_s - (time.perf_counter() - self._t0) - c.head_s
+        layers_left = self.L - layer
+        return (left - (layers_left - 1) * c.layer_fixed_s) / layers_left
+
+    def priorities(self, layer: int, x: torch.Tensor, units: torch.Tensor, wt: torch.Tensor,
+                   topi: torch.Tensor) -> torch.Tensor:
+        """Priority of each selected unit [P] (router weight x gate-rank weight)."""
+        S = self.model.parts[layer]
+        part = units % S
+        rank = part.float()
+        scores = self.model.part_scores(layer, x, topi)  # [1, k, S] or None
+        if scores is not None:
+            ranks = scores[0].argsort(dim=-1, descending=True).argsort(dim=-1).float().cpu()  # [k, S]
+            expert_rank = {int(e): j for j, e in enumerate(topi[0].tolist())}
+            rows = torch.tensor([expert_rank[int(u) // S] for u in units.tolist()])
+            rank = ranks[rows, part]
+        return wt[:, 0].float().cpu() * (1.0 - rank / (2 * S))
+
+    def plan(self, layer: int, x: torch.Tensor, units: torch.Tensor, wt: torch.Tensor,
+             topi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The subset of ``units`` to compute within this layer's share of the budget."""
+        P = units.shape[0]
+        share = self._share(layer)
+        c = self.cost
+        nbytes = self.store.block_nbytes(layer)
+        ready = [self.store.ready(layer, int(u)) for u in units.tolist()]
+        if c.load_s(nbytes, ready.count(False)) + P * c.unit_s <= share:
+            return units, wt
+        order = torch.argsort(self.priorities(layer, x, units, wt, topi), descending=True, stable=True)
+        keep, missing = [], 0
+        for rank, i in enumerate(order.tolist()):
+            with_it = missing + (0 if ready[i] else 1)
+            # A resident sub-expert costs only compute, so it can stay while a missing one of
+            # higher priority is dropped; the floor (rank 0) is always computed.
+            if rank == 0 or c.load_s(nbytes, with_it) + (len(keep) + 1) * c.unit_s <= share:
+                keep.append(i)
+                missing = with_it
+        self.dropped += P - len(keep)
+        idx = torch.tensor(sorted(keep))
+        return units[idx], wt[idx]
+
+    def report(self, latencies_s: list[float]) -> dict:
+        """Drop counters and the share of decode tokens within the budget."""
+        within = sum(1 for t in latencies_s if t <= self.budget_s)
+        return {
+            "token_latency_budget_ms": self.budget_s * 1000,
+            "dropped_subexperts": self.dropped,
+            "dropped_subexperts_per_token": self.dropped / self.tokens if self.tokens else 0.0,
+            "tokens_within_budget": within / len(latencies_s) if latencies_s else None,
+        }
