@@ -174,7 +174,7 @@ def test_batched_scores_equal_per_expert_scores(tokens: int, routed: int, six_ex
             torch.testing.assert_close(linear_batched[t, j], gate_scores(linears[e], x[t:t + 1])[0])
 
 
-def test_both_batched_paths_are_covered_and_agree(six_experts) -> None:
+def test_both_batched_paths_are_covered_and_agree(six_experts, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decode-sized batches gather weights; prefill-sized ones project onto every expert."""
     assert gates._gather_weights(1, 2, 6) and not gates._gather_weights(40, 3, 6)
     proxies, linears = six_experts
@@ -184,12 +184,8 @@ def test_both_batched_paths_are_covered_and_agree(six_experts) -> None:
     weight, bias = torch.stack([lg.weight for lg in linears]), torch.stack([lg.bias for lg in linears])
     results = {}
     for gather in (True, False):
-        gates_gather = gates._gather_weights
-        gates._gather_weights = lambda *_: gather  # noqa: E731 - force one path
-        try:
-            results[gather] = (proxy_scores_batched(rows, x, experts), linear_scores_batched(weight, bias, x, experts))
-        finally:
-            gates._gather_weights = gates_gather
+        monkeypatch.setattr(gates, "_gather_weights", lambda *_, g=gather: g)  # force one path
+        results[gather] = (proxy_scores_batched(rows, x, experts), linear_scores_batched(weight, bias, x, experts))
     for a, b in zip(results[True], results[False]):
         torch.testing.assert_close(a, b)
 

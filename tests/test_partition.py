@@ -143,7 +143,9 @@ def test_group_mass_sums_each_groups_columns() -> None:
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
-@pytest.mark.parametrize("width, num_groups, keep", [(256, 16, 12), (96, 4, 3), (64, 2, 1), (32, 32, 24), (48, 1, 1)])
+@pytest.mark.parametrize(
+    "width, num_groups, keep", [(256, 16, 12), (96, 4, 3), (64, 2, 1), (32, 32, 24), (48, 1, 1)]
+)
 def test_every_group_has_exactly_width_over_n(solver: str, width: int, num_groups: int, keep: int) -> None:
     acts = planted_acts(tokens=200, cluster_sizes=[width // 4] * 4, seed=5)[0]
     groups = partition(acts, num_groups, keep=keep, solver=solver, seed=3)
@@ -293,7 +295,8 @@ def test_permutation_rejects_an_order_that_is_not_a_permutation(order: list[int]
 def test_permuted_expert_equals_sum_of_groups() -> None:
     """What the permutation is for: block b of the permuted weights is group order[b]."""
     gen = torch.Generator().manual_seed(0)
-    w_gate, w_up, w_down = torch.randn(32, 8, generator=gen), torch.randn(32, 8, generator=gen), torch.randn(8, 32)
+    w_gate, w_up = torch.randn(32, 8, generator=gen), torch.randn(32, 8, generator=gen)
+    w_down = torch.randn(8, 32, generator=gen)
     x = torch.randn(5, 8, generator=gen)
     groups = (torch.arange(32) // 8)[torch.randperm(32, generator=gen)]
     perm = permutation_from_groups(groups)

@@ -124,7 +124,8 @@ def fit_linear_gate(
     hidden = gram.shape[0]
     # The floor keeps the system solvable when x is constant or has fewer rows than D.
     penalty = ridge * float(gram.diagonal().mean()) + 1e-12
-    weight = torch.linalg.solve(gram + penalty * torch.eye(hidden, dtype=torch.float64), xc.t() @ mc)  # [D, N]
+    system = gram + penalty * torch.eye(hidden, dtype=torch.float64)  # [D, D]
+    weight = torch.linalg.solve(system, xc.t() @ mc)  # [D, N]
     bias = m_mean - x_mean @ weight  # [N]
     return LinearGate(weight=weight.to(torch.float32), bias=bias.to(torch.float32))
 
@@ -138,7 +139,7 @@ def gate_scores(gate: ProxyGate | LinearGate, x: Tensor) -> Tensor:
         return _proxy_from_projections(proj.view(x.shape[0], num_groups, r, 2))  # [T, N]
     if isinstance(gate, LinearGate):
         return x.to(gate.weight.dtype) @ gate.weight + gate.bias  # [T, N]
-    raise ConfigError(f"unknown gate type {type(gate).__name__}; use ProxyGate or LinearGate")
+    raise TypeError(f"unknown gate type {type(gate).__name__}; expected ProxyGate or LinearGate")
 
 
 def proxy_scores_batched(rows: Tensor, x: Tensor, experts: Tensor) -> Tensor:
@@ -154,7 +155,8 @@ def proxy_scores_batched(rows: Tensor, x: Tensor, experts: Tensor) -> Tensor:
         picked = rows[experts]  # [T, k, N, r, 2, D]
         proj = torch.einsum("td,tknrcd->tknrc", x, picked)  # [T, k, N, r, 2]
     else:
-        every = (x @ rows.reshape(-1, hidden).t()).view(x.shape[0], n_experts, num_groups, r, 2)  # [T, E, N, r, 2]
+        every = x @ rows.reshape(-1, hidden).t()  # [T, E*N*r*2]
+        every = every.view(x.shape[0], n_experts, num_groups, r, 2)  # [T, E, N, r, 2]
         proj = every.gather(1, _expand_index(experts, every.shape))  # [T, k, N, r, 2]
     return _proxy_from_projections(proj)  # [T, k, N]
 
@@ -171,7 +173,8 @@ def linear_scores_batched(weight: Tensor, bias: Tensor, x: Tensor, experts: Tens
     if _gather_weights(x.shape[0], experts.shape[1], n_experts):
         scores = torch.einsum("td,tkdn->tkn", x, weight[experts])  # [T, k, N]
     else:
-        every = (x @ weight.permute(1, 0, 2).reshape(hidden, -1)).view(x.shape[0], n_experts, num_groups)  # [T, E, N]
+        every = x @ weight.permute(1, 0, 2).reshape(hidden, -1)  # [T, E*N]
+        every = every.view(x.shape[0], n_experts, num_groups)  # [T, E, N]
         scores = every.gather(1, _expand_index(experts, every.shape))  # [T, k, N]
     return scores + bias[experts]  # [T, k, N]
 
