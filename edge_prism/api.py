@@ -119,8 +119,10 @@ def _build_prism(path: Path, cfg: RuntimeConfig, *, dtype: torch.dtype, device: 
     if kind not in GATE_KINDS:
         raise ConfigError(f"invalid gate '{kind}': use one of {', '.join(GATE_KINDS)}")
     full = max_operating_point(spec, parts)
-    k = check_operating_point(cfg.operating_point or pc.manifest.get("default_operating_point") or full,
-                              spec, parts)
+    k = cfg.operating_point
+    if k is None:
+        k = pc.manifest.get("default_operating_point") or full
+    k = check_operating_point(k, spec, parts)
     if cfg.memory_budget is None:
         store = _resident_store(pc, spec, dtype=dtype, device=device)
     else:
@@ -227,9 +229,12 @@ def _planner(model: Transformer, cfg: RuntimeConfig, *, device: torch.device, dt
 def _layer_gate(pc, layer: int, kind: str, dtype: torch.dtype, device: torch.device):
     from edge_prism.select import LayerGate
 
-    names = ("proxy.rows", "proxy.scale") if kind == "proxy" else ("linear.weight", "linear.bias")
-    a, b = (pc.gate_tensor(f"layers.{layer}.{n}").to(device=device, dtype=dtype) for n in names)
-    return LayerGate(kind, a, b)
+    def get(name: str) -> torch.Tensor:
+        return pc.gate_tensor(f"layers.{layer}.{name}").to(device=device, dtype=dtype)
+
+    if kind == "proxy":
+        return LayerGate(kind, get("proxy.rows"))
+    return LayerGate(kind, get("linear.weight"), get("linear.bias"))
 
 
 def default_prism(*, progress: bool = True) -> Path:

@@ -53,6 +53,7 @@ def perplexity(engine, ids: torch.Tensor, *, seq_len: int = 512, progress: bool 
                desc: str = "perplexity") -> float:
     """exp(mean NLL) of ``ids`` in independent windows of ``seq_len`` tokens."""
     nll, count = 0.0, 0
+    seq_len = min(seq_len, engine.max_context - 1)
     windows = [w for w in ids.split(seq_len) if w.numel() > 1]
     for w in tqdm(windows, desc=desc, unit="win", disable=not progress, leave=False):
         logits = engine.logits(w)  # [T, V]

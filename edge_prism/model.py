@@ -302,7 +302,7 @@ class Transformer:
             # Dense FFN at full operating point: every unit, weight 1, no sync needed.
             return self._all_units[layer], x.new_ones(S, T)
         if self.selector is None:
-            w = topv[:, :, None].expand(T, f.top_k, S)  # [T, k, S]
+            w = topv[:, :, None].expand(T, topi.shape[1], S)  # [T, k, S]
         else:
             w = self.selector(layer, x, topv, topi)  # [T, k, S]
         units = topi[:, :, None] * S + torch.arange(S, device=x.device)  # [T, k, S]

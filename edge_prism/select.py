@@ -50,13 +50,12 @@ class LayerGate:
 
     kind: str
     a: torch.Tensor  # proxy: rows [E, S, r, 2, D]; linear: weight [E, D, S]
-    b: torch.Tensor  # proxy: scale [E, S]; linear: bias [E, S]
+    b: torch.Tensor | None = None  # linear: bias [E, S]
 
     def scores(self, x: torch.Tensor, topi: torch.Tensor) -> torch.Tensor:
         """Gate scores [T, k, S] of each token's routed experts' parts."""
         if self.kind == "proxy":
-            s = gatelib.proxy_scores_batched(self.a, x, topi)  # [T, k, S]
-            return s * self.b[topi]
+            return gatelib.proxy_scores_batched(self.a, x, topi)  # [T, k, S]
         return gatelib.linear_scores_batched(self.a, self.b, x, topi)  # [T, k, S]
 
 

@@ -1,0 +1,301 @@
+"""Offline refactoring: experts -> sub-experts, without retraining.
+
+calibration text -> [model with FFN observer] -> per expert: routed inputs x (capped,
+reservoir-sampled) -> act = silu(x W_gate) * (x W_up) -> [partition solver] -> neuron
+permutation, parts ordered hottest first -> [gates: proxy + linear] -> prism checkpoint
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from edge_prism.build import TensorReader, expected_shapes, expert_matrices, expert_names_shapes
+from edge_prism.errors import ConfigError, ModelNotFoundError, TokenizerError
+from edge_prism.families import build_spec
+from edge_prism.prefetch.predictor import RegressionStats, fit_correction
+from edge_prism.loaders import open_checkpoint, resolve_model
+from edge_prism.refactor import gates as gatelib
+from edge_prism.refactor.corpus import stdlib_text
+from edge_prism.refactor.partition import (SOLVERS, group_size_ok, partition, partition_objective,
+                                           permutation_from_groups)
+from edge_prism.refactor.prism import check_out_dir, file_stats, hash_files, is_prism, write_prism
+from edge_prism.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GATE = "proxy"
+
+
+@dataclass(frozen=True)
+class RefactorConfig:
+    """Knobs of one refactoring run."""
+
+    sub_experts: int | None = None  # None: 16 per dense FFN, 8 per routed expert
+    calib_files: tuple[Path, ...] = ()  # empty: the standard library's docstrings (calib split)
+    calib_tokens: int = 8192
+    solver: str = "anneal"
+    seed: int = 0
+    rows_per_expert: int = 2048
+    gate_neurons: int = 4
+    seq_len: int = 512
+    keep_fraction: float = 0.75  # the operating point the solver tunes for: keep 3N/4 parts
+    default_gate: str = DEFAULT_GATE
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"invalid solver '{self.solver}': use one of {', '.join(SOLVERS)}")
+        if self.calib_tokens < 16:
+            raise ConfigError(f"invalid calib_tokens {self.calib_tokens}: use at least 16")
+        if self.sub_experts is not None and self.sub_experts < 1:
+            raise ConfigError(f"invalid sub_experts {self.sub_experts}: use 1 or more")
+        if self.default_gate not in gatelib.GATE_KINDS:
+            raise ConfigError(f"invalid gate '{self.default_gate}': use one of {', '.join(gatelib.GATE_KINDS)}")
+
+
+@dataclass
+class RefactorReport:
+    """What a refactoring run measured."""
+
+    out: Path
+    seconds: float
+    calib_tokens: int
+    objective: dict[str, float] = field(default_factory=dict)  # solver -> summed objective / tokens
+
+
+def parts_for(spec: ModelSpec, requested: int | None) -> list[int]:
+    """Sub-experts per expert for every layer, checked against each layer's width."""
+    out = []
+    for layer, f in enumerate(spec.ffn):
+        n = requested or (8 if f.routed else 16)
+        if not group_size_ok(f.width, n):
+            raise ConfigError(f"invalid --sub-experts {n}: layer {layer}'s experts have {f.width} "
+                              f"neurons, which do not split into {n} equal groups; choose a divisor "
+                              f"of {f.width}")
+        out.append(n)
+    return out
+
+
+def calibration_ids(tokenizer, cfg: RefactorConfig) -> torch.Tensor:
+    """Calibration token ids [T] from the given files or the standard library's docstrings."""
+    if cfg.calib_files:
+        texts = []
+        for f in cfg.calib_files:
+            try:
+                texts.append(Path(f).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{f}: cannot read calibration text ({e}); give a UTF-8 text file") from None
+        text = "\n\n".join(texts)
+    else:
+        text = stdlib_text("calib")
+    ids = tokenizer.encode(text, add_bos=False)[: cfg.calib_tokens]
+    if len(ids) < 16:
+        raise ConfigError(f"calibration text has only {len(ids)} tokens; give more text (--calib-file)")
+    return torch.tensor(ids)
+
+
+class _Collector:
+    """FFN observer: per (layer, expert) a seeded reservoir of routed inputs, and counts."""
+
+    def __init__(self, spec: ModelSpec, cap: int, seed: int):
+        self.spec, self.cap = spec, cap
+        self.gen = torch.Generator().manual_seed(seed)
+        self.rows: dict[tuple[int, int], torch.Tensor] = {}
+        self.seen: dict[tuple[int, int], int] = {}
+        self.counts = [torch.zeros(f.num_experts, dtype=torch.int64) for f in spec.ffn]
+        self.tokens = 0
+        # Predictor corrections: residual after layer l's attention -> after layer l+d's.
+        self.drift = {(l, d): RegressionStats(spec.hidden_size) for l in range(spec.num_layers)
+                      for d in (1, 2) if l + d < spec.num_layers}
+        self._resid: dict[int, torch.Tensor] = {}
+
+    def __call__(self, layer: int, resid: torch.Tensor, x: torch.Tensor, topv: torch.Tensor,
+                 topi: torch.Tensor) -> None:
+        if layer == 0:
+            self.tokens += x.shape[0]
+            self._resid = {}
+        self._resid[layer] = resid.float()
+        for d in (1, 2):
+            if layer - d in self._resid:
+                self.drift[(layer - d, d)].add(self._resid[layer - d], self._resid[layer])
+        self.counts[layer] += torch.bincount(topi.reshape(-1), minlength=self.spec.ffn[layer].num_experts)
+        for e in topi.unique().tolist():
+            xe = x[(topi == e).any(dim=1)].float()  # [R, D]
+            self._add((layer, e), xe)
+
+    def _add(self, key: tuple[int, int], xe: torch.Tensor) -> None:
+        seen = self.seen.get(key, 0)
+        buf = self.rows.get(key)
+        if buf is None:
+            buf = self.rows[key] = torch.empty(self.cap, xe.shape[1])
+        take = min(self.cap - seen, xe.shape[0]) if seen < self.cap else 0
+        buf[seen:seen + take] = xe[:take]
+        # Reservoir sampling for the rest: row i (0-based overall) replaces a random slot
+        # with probability cap / (i + 1), so every routed token is equally likely kept.
+        rest = xe[take:]
+        if rest.shape[0]:
+            idx = torch.arange(seen + take, seen + xe.shape[0])  # overall positions
+            pick = (torch.rand(rest.shape[0], generator=self.gen) * (idx + 1)).long()
+            keep = pick < self.cap
+            buf[pick[keep]] = rest[keep]
+        self.seen[key] = seen + xe.shape[0]
+
+    def inputs(self, layer: int, expert: int) -> torch.Tensor:
+        """The kept inputs of one expert [R, D] (R <= cap)."""
+        key = (layer, expert)
+        if key not in self.rows:
+            return torch.empty(0, self.spec.hidden_size)
+        return self.rows[key][: min(self.seen[key], self.cap)]
+
+
+def refactor(model: str | Path | None, out: Path, cfg: RefactorConfig = RefactorConfig(), *,
+             force: bool = False, progress: bool = True) -> RefactorReport:
+    """Refactor ``model`` into a prism checkpoint at ``out``."""
+    from edge_prism.api import build_plain
+
+    start = time.perf_counter()
+    out = Path(out)
+    check_out_dir(out, force=force)
+    path = resolve_model(model)
+    if is_prism(path):
+        raise ConfigError(f"{path}: already a prism checkpoint; refactor its source model instead")
+    raw = open_checkpoint(path)
+    if raw.tokenizer is None:
+        raise TokenizerError(f"{path}: no tokenizer, so calibration text cannot be tokenized; "
+                             "add tokenizer.json to the model directory")
+    where = str(path / "config.json" if path.is_dir() else path)
+    spec = build_spec(raw.config, where=where)
+    parts = parts_for(spec, cfg.sub_experts)
+    cpu = torch.device("cpu")
+    reader = TensorReader(raw.tensors, path, dtype=torch.float32, device=cpu)
+    model_ = build_plain(spec, reader, dtype=torch.float32, device=cpu)
+    ids = calibration_ids(raw.tokenizer, cfg)
+
+    collector = _Collector(spec, cfg.rows_per_expert, cfg.seed)
+    model_.ffn_observer = collector
+    chunks = list(ids.split(min(cfg.seq_len, spec.max_position)))
+    for chunk in tqdm(chunks, desc="calibrating", unit="seq", disable=not progress):
+        model_.reset(0)
+        model_.forward(chunk)
+    model_.ffn_observer = None
+    model_.reset(0)
+
+    store_dtype = raw.tensors.get(next(iter(expert_names_shapes(spec, 0)))).dtype
+    experts, gates, objective = {}, {}, {s: 0.0 for s in ("contiguous", cfg.solver)}
+    threads = torch.get_num_threads()
+    # The solver's per-swap tensor ops are too small to split: extra threads only contend.
+    torch.set_num_threads(1)
+    try:
+        for layer in tqdm(range(spec.num_layers), desc=f"partitioning ({cfg.solver})", unit="layer",
+                          disable=not progress):
+            blocks, order, layer_gates, obj = _refactor_layer(spec, reader, collector, layer,
+                                                              parts[layer], cfg)
+            experts[f"layers.{layer}.blocks"] = blocks.to(store_dtype)
+            experts[f"layers.{layer}.order"] = order
+            gates.update({f"layers.{layer}.{k}": v for k, v in layer_gates.items()})
+            for k, v in obj.items():
+                objective[k] += v
+    finally:
+        torch.set_num_threads(threads)
+    objective = {k: v / max(collector.tokens, 1) for k, v in objective.items()}
+    for (layer, d), stats in sorted(collector.drift.items()):
+        scale, bias = fit_correction(stats)
+        gates[f"layers.{layer}.predict.{d}.scale"] = scale
+        gates[f"layers.{layer}.predict.{d}.bias"] = bias
+
+    dense_names = set(expected_shapes(spec)) - {n for layer in range(spec.num_layers)
+                                                 for n in expert_names_shapes(spec, layer)}
+    dense = {name: raw.tensors.get(name).to(store_dtype) for name in sorted(dense_names)}
+    files = [Path(f).resolve() for f in raw.files]
+    manifest = {
+        "source": {"path": str(path.resolve()), "files": [str(f) for f in files],
+                   "sha256": hash_files(files), "stats": file_stats(files)},
+        "family": spec.family,
+        "config": raw.config,
+        "sub_experts": parts,
+        "default_operating_point": None,  # None: full K
+        "gates": {"default": cfg.default_gate, "kinds": list(gatelib.GATE_KINDS),
+                  "neurons_per_group": cfg.gate_neurons},
+        "calibration": {"source": [str(f) for f in cfg.calib_files] or "python-stdlib-docstrings:calib",
+                        "tokens": collector.tokens, "rows_per_expert": cfg.rows_per_expert,
+                        "seed": cfg.seed},
+        "solver": {"name": cfg.solver, "keep_fraction": cfg.keep_fraction,
+                   "objective_per_token": objective},
+        "tokenizer": _tokenizer_files(path),
+    }
+    write_prism(out, manifest=manifest, dense=dense, experts=experts, gates=gates, force=force,
+                extra=raw.tokenizer.save)
+    return RefactorReport(out=out, seconds=time.perf_counter() - start, calib_tokens=collector.tokens,
+                          objective=objective)
+
+
+def _tokenizer_files(path: Path) -> str:
+    return "gguf" if path.suffix == ".gguf" else "hf"
+
+
+def _refactor_layer(spec: ModelSpec, reader: TensorReader, col: _Collector, layer: int, parts: int,
+                    cfg: RefactorConfig):
+    f = spec.ffn[layer]
+    n, D = f.width // parts, spec.hidden_size
+    keep = max(1, math.ceil(cfg.keep_fraction * parts))
+    blocks = torch.empty(f.num_experts * parts, 3, n, D)
+    freq = torch.zeros(f.num_experts * parts)
+    perms = torch.empty(f.num_experts, f.width, dtype=torch.int64)
+    proxy_rows = []
+    lin_w, lin_b = [], []
+    obj = {"contiguous": 0.0, cfg.solver: 0.0}
+    total = max(col.tokens, 1)
+    for e in range(f.num_experts):
+        wg, wu, wd = expert_matrices(spec, reader, layer, e)  # [W, D] each
+        x = col.inputs(layer, e)  # [R, D]
+        seed = cfg.seed * 1_000_003 + layer * 1009 + e
+        if x.shape[0] == 0:
+            # Never routed on calibration text: keep the checkpoint order, no statistics.
+            groups = torch.arange(f.width) // n
+            acts = torch.zeros(1, f.width)
+            x = torch.zeros(1, D)
+        else:
+            acts = F.silu(x @ wg.t()) * (x @ wu.t())  # [R, W]
+            groups = partition(acts, parts, keep=keep, solver=cfg.solver, seed=seed)
+            a = acts.abs()
+            obj[cfg.solver] += partition_objective(a, groups, parts, keep=keep)
+            obj["contiguous"] += partition_objective(a, torch.arange(f.width) // n, parts, keep=keep)
+        # Parts hottest first: order groups by their mean activation mass.
+        mass = torch.zeros(acts.shape[0], parts).index_add_(1, groups, acts.abs())  # [R, N]
+        order = torch.argsort(mass.mean(0), descending=True, stable=True)  # [N]
+        perm = permutation_from_groups(groups, order)  # [W]
+        relabel = torch.empty_like(order)
+        relabel[order] = torch.arange(parts)
+        groups = relabel[groups]  # part ids, 0 = hottest
+        perms[e] = perm
+        mats = torch.stack((wg, wu, wd))[:, perm]  # [3, W, D]
+        blocks[e * parts:(e + 1) * parts] = mats.view(3, parts, n, D).transpose(0, 1)
+        proxy = gatelib.fit_proxy_gate(acts, wg, wu, groups, parts, neurons_per_group=cfg.gate_neurons)
+        linear = gatelib.fit_linear_gate(x, acts, groups, parts)
+        proxy_rows.append(proxy.rows)
+        lin_w.append(linear.weight)
+        lin_b.append(linear.bias)
+        # Selection frequency at the tuned operating point: routed share x share of the
+        # expert's tokens whose default-gate top-`keep` parts include this part.
+        gate = proxy if cfg.default_gate == "proxy" else linear
+        scores = gatelib.gate_scores(gate, x)  # [R, N]
+        chosen = torch.zeros(parts).index_add_(
+            0, scores.topk(keep, dim=1).indices.reshape(-1), torch.ones(scores.shape[0] * keep))
+        routed = float(col.counts[layer][e]) / total
+        freq[e * parts:(e + 1) * parts] = routed * chosen / max(scores.shape[0], 1)
+    unit_order = torch.argsort(-freq, stable=True)  # storage order: hottest first
+    layer_gates = {
+        "perm": perms,
+        "frequency": freq,
+        "proxy.rows": torch.stack(proxy_rows).to(torch.float32),
+        "linear.weight": torch.stack(lin_w).to(torch.float32),
+        "linear.bias": torch.stack(lin_b).to(torch.float32),
+    }
+    return blocks[unit_order], unit_order, layer_gates, obj
