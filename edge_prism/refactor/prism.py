@@ -85,6 +85,9 @@ def write_prism(out: Path, *, manifest: dict, dense: dict[str, torch.Tensor],
     check_out_dir(out, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
     try:
         files = {DENSE: dense, EXPERTS: experts, GATES: gates}
         for name, tensors in files.items():
