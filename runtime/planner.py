@@ -186,7 +186,7 @@ class LatencyPlanner:
         rank = part.float()
         scores = self.model.part_scores(layer, x, topi)  # [1, k, S] or None
         if scores is not None:
-            ranks = scores[0].argsort(dim=-1, descending=True).argsort(dim=-1).float().cpu()  # [k, S]
+            ranks = scores[0].argsort(dim=-1, descending=True, stable=True).argsort(dim=-1).float().cpu()  # [k, S]
             expert_rank = {int(e): j for j, e in enumerate(topi[0].tolist())}
             rows = torch.tensor([expert_rank[int(u) // S] for u in units.tolist()])
             rank = ranks[rows, part]
@@ -223,4 +223,7 @@ class LatencyPlanner:
             "dropped_subexperts": self.dropped,
             "dropped_subexperts_per_token": self.dropped / self.tokens if self.tokens else 0.0,
             "tokens_within_budget": within / len(latencies_s) if latencies_s else None,
+            # Computing missing sub-experts on the host CPU instead of waiting for their
+            # copy is a CUDA-device option not implemented yet: always 0.
+            "cpu_computed_subexperts": 0,
         }

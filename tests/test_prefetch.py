@@ -1,0 +1,212 @@
+"""Prefetching and the token-latency budget (synthetic tiny weights).
+
+Prefetch never changes output; without a latency budget nothing is dropped; the planner
+drops lowest-priority sub-experts first and never the floor; stats report it all.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import edge_prism
+from edge_prism.runtime.planner import CostModel, LatencyPlanner
+from test_refactor import prism_of  # noqa: F401  (shared fixture)
+
+PROMPT = list(range(70, 94))
+
+
+def _min_budget(path) -> int:
+    from test_budget import _min_budget as mb
+
+    return mb(path)
+
+
+@pytest.fixture(scope="module")
+def olmoe(prism_of):
+    return prism_of("olmoe")
+
+
+def test_prefetch_does_not_change_output(olmoe):
+    budget = _min_budget(olmoe) * 2
+    on = edge_prism.load(olmoe, memory_budget=budget, prefetch=True)
+    off = edge_prism.load(olmoe, memory_budget=budget, prefetch=False)
+    assert on.generate_ids(PROMPT, max_new_tokens=12) == off.generate_ids(PROMPT, max_new_tokens=12)
+    torch.testing.assert_close(on.logits(PROMPT), off.logits(PROMPT), rtol=1e-5, atol=1e-5)
+
+
+def test_prefetch_stats_are_reported(olmoe):
+    engine = edge_prism.load(olmoe, memory_budget=_min_budget(olmoe) * 2)
+    engine.generate_ids(PROMPT, max_new_tokens=12)
+    s = engine.stats
+    assert 0.0 <= s["prefetch_precision"] <= 1.0 and 0.0 <= s["prefetch_recall"] <= 1.0
+    assert s["prefetched_unused_bytes"] >= 0
+    assert engine.model.store.stats.prefetch_issued > 0
+    off = edge_prism.load(olmoe, memory_budget=_min_budget(olmoe) * 2, prefetch=False)
+    off.generate_ids(PROMPT, max_new_tokens=4)
+    assert "prefetch_precision" not in off.stats
+
+
+def test_predictor_ranks_units_of_the_target_layer(olmoe):
+    from edge_prism.prefetch import Predictor
+
+    engine = edge_prism.load(olmoe)
+    m = engine.model
+    resid = torch.randn(1, m.spec.hidden_size)
+    pred = Predictor(m).predict(0, resid, 1)
+    S, E = m.parts[1], m.spec.ffn[1].num_experts
+    assert pred.layer == 1 and pred.units.numel() == m.spec.ffn[1].top_k * S  # full K: all parts
+    assert ((0 <= pred.units) & (pred.units < E * S)).all()
+    assert (pred.confidence[:-1] >= pred.confidence[1:]).all()
+
+
+def test_predictor_matches_the_layer_itself_when_residual_is_unchanged(olmoe):
+    """Predicting layer l from its own FFN-input residual is exact: same norm, router, gate."""
+    from edge_prism.model import _rms
+    from edge_prism.prefetch import Predictor
+
+    m = edge_prism.load(olmoe, operating_point=5).model
+    resid = torch.randn(1, m.spec.hidden_size)
+    pred = Predictor(m).predict(0, resid, 1)  # layer 1 applied to this residual
+    x = _rms(resid, m.w.layers[1].ffn_norm, m.spec.rms_norm_eps)
+    topv, topi = m.route(1, x)
+    units, _ = m.unit_weights(1, x, topv, topi)
+    assert sorted(pred.units.tolist()) == units.tolist()
+
+
+def test_drift_correction_is_stored_and_used(olmoe):
+    from edge_prism.refactor.prism import open_prism
+
+    pc = open_prism(olmoe)
+    assert "layers.0.predict.1.scale" in pc.gates.names()
+    engine = edge_prism.load(olmoe, memory_budget=_min_budget(olmoe) * 2)
+    assert (0, 1) in engine.model.prefetcher.predictor.corrections
+
+
+class _BlockingTier:
+    """Wraps a host tier: reads wait until ``gate`` is set (to hold the workers)."""
+
+    def __init__(self, inner, gate: threading.Event):
+        self.inner, self.gate = inner, gate
+
+    def read_into(self, index, dst):
+        self.gate.wait(10)
+        self.inner.read_into(index, dst)
+
+
+def test_stale_prefetches_still_queued_are_cancelled(olmoe):
+    from edge_prism.api import layer_blocks
+    from edge_prism.families import build_spec
+    from edge_prism.refactor.prism import open_prism
+    from edge_prism.runtime.store import BudgetedStore, minimum_budget, prism_tiers
+    from edge_prism.select import max_operating_point
+
+    pc = open_prism(olmoe)
+    spec = build_spec(pc.config, where="test")
+    layers = layer_blocks(pc, spec, max_operating_point(spec, pc.parts))
+    gate = threading.Event()
+    gate.set()  # warm-up loads run freely
+    base = prism_tiers(olmoe / "experts.safetensors", torch.device("cpu"))
+    store = BudgetedStore(lambda g, o, n: _BlockingTier(base(g, o, n), gate), layers,
+                          budget_bytes=minimum_budget(layers) * 2, device=torch.device("cpu"), workers=1)
+    gate.clear()  # now every load waits: the first holds the only worker, the rest queue
+    resident = {u for u in range(layers[1].units) if store.is_resident(1, u)}
+    absent = [u for u in range(layers[1].units) if u not in resident][:4]
+    assert store.prefetch(1, absent) == len(absent)
+    store.drop_stale(1, absent)
+    gate.set()
+    assert store.stats.prefetch_cancelled >= len(absent) - 1  # all but the one a worker holds
+    assert sum(store.is_resident(1, u) for u in absent) <= 1
+    store.close()
+
+
+# -- planner ------------------------------------------------------------------------------
+def _fake_planner(budget_s: float, scores=None, ready=None, nbytes=1000):
+    S = 4
+    model = SimpleNamespace(spec=SimpleNamespace(num_layers=1), parts=[S],
+                            part_scores=lambda layer, x, topi: scores)
+    store = SimpleNamespace(block_nbytes=lambda layer: nbytes,
+                            ready=lambda layer, u: True if ready is None else ready[u])
+    cost = CostModel(device="fake", h2d_bytes_per_s=1e6, copy_overhead_s=0.0, unit_s=0.001,
+                     layer_fixed_s=0.0, head_s=0.0, workers=1)
+    planner = LatencyPlanner(model, store, cost, budget_s=budget_s)
+    planner.start_token()
+    return planner
+
+
+def _selection():
+    # Token routed to experts 2 (weight .7) and 0 (weight .3); all 4 parts of each.
+    topi = torch.tensor([[2, 0]])
+    units = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11])
+    wt = torch.tensor([[.3]] * 4 + [[.7]] * 4)
+    return units, wt, topi
+
+
+def test_planner_keeps_everything_within_budget():
+    units, wt, topi = _selection()
+    kept, kw = _fake_planner(1.0).plan(0, torch.zeros(1, 8), units, wt, topi)
+    assert kept.tolist() == units.tolist() and torch.equal(kw, wt)
+
+
+def test_planner_drops_lowest_priority_first():
+    units, wt, topi = _selection()
+    planner = _fake_planner(0.0035)  # 3 units of compute fit
+    kept, kw = planner.plan(0, torch.zeros(1, 8), units, wt, topi)
+    # Expert 2 (higher router weight) keeps its hottest parts first: 8, 9, 10.
+    assert kept.tolist() == [8, 9, 10] and planner.dropped == 5
+    assert torch.equal(kw, torch.tensor([[.7]] * 3))
+
+
+def test_planner_uses_gate_scores_within_an_expert():
+    units, wt, topi = _selection()
+    scores = torch.tensor([[[0., 0., 0., 9.], [5., 0., 0., 0.]]])  # expert 2: part 3 best
+    kept, _ = _fake_planner(0.0025, scores=scores).plan(0, torch.zeros(1, 8), units, wt, topi)
+    assert kept.tolist() == [8, 11]
+
+
+def test_planner_never_drops_the_floor():
+    units, wt, topi = _selection()
+    planner = _fake_planner(0.0)  # nothing fits
+    kept, _ = planner.plan(0, torch.zeros(1, 8), units, wt, topi)
+    assert kept.tolist() == [8]  # top part of the top expert
+
+
+def test_planner_prefers_resident_units_over_missing_ones():
+    units, wt, topi = _selection()
+    ready = {u: True for u in units.tolist()}
+    ready[9] = False  # loading it costs 2 ms more
+    kept, _ = _fake_planner(0.0035, ready=ready, nbytes=2000).plan(0, torch.zeros(1, 8), units, wt, topi)
+    assert 9 not in kept.tolist() and kept.tolist() == [8, 10, 11]
+
+
+def test_no_latency_budget_drops_nothing_and_generous_budget_is_exact(olmoe):
+    ref = edge_prism.load(olmoe)
+    generous = edge_prism.load(olmoe, token_latency_ms=1e6)
+    assert generous.generate_ids(PROMPT, max_new_tokens=10) == ref.generate_ids(PROMPT, max_new_tokens=10)
+    s = generous.stats
+    assert s["dropped_subexperts"] == 0 and s["tokens_within_budget"] == 1.0
+
+
+def test_tight_latency_budget_degrades_instead_of_stalling(olmoe):
+    engine = edge_prism.load(olmoe, memory_budget=_min_budget(olmoe), token_latency_ms=0.001)
+    out = engine.generate_ids(PROMPT, max_new_tokens=8)
+    s = engine.stats
+    full = engine.spec.ffn[0].top_k * engine.model.parts[0]
+    assert len(out) > 0 and s["dropped_subexperts"] > 0
+    # The floor: one sub-expert per layer per token is always computed.
+    assert s["dropped_subexperts_per_token"] <= engine.spec.num_layers * (full - 1)
+    for key in ("cpu_computed_subexperts", "tokens_within_budget", "token_latency_budget_ms"):
+        assert key in s
+
+
+def test_cost_model_is_cached_per_device(olmoe, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE_PRISM_PROFILES", str(tmp_path))
+    edge_prism.load(olmoe, token_latency_ms=50)
+    files = list(tmp_path.glob("cost-*.json"))
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns
+    edge_prism.load(olmoe, token_latency_ms=50)
+    assert files[0].stat().st_mtime_ns == mtime  # reused, not re-measured
