@@ -1,0 +1,79 @@
+"""CUDA paths of the engine: exactness against the CPU, budgets that hold on the device,
+prefetch over the copy stream, the latency planner. Skipped where no CUDA device exists."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import edge_prism
+from test_refactor import prism_of  # noqa: F401  (shared fixture)
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+PROMPT = list(range(70, 94))
+
+
+def _min_budget(path) -> int:
+    from test_budget import _min_budget as mb
+
+    return mb(path)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe", "olmoe"])
+def test_cuda_float32_matches_cpu(family, tiny_checkpoint):
+    path = tiny_checkpoint(family)
+    cpu = edge_prism.load(path, device="cpu").logits(PROMPT)
+    gpu = edge_prism.load(path, device="cuda", dtype="float32").logits(PROMPT)
+    torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4 * float(cpu.abs().max()))
+
+
+def test_cuda_bfloat16_is_the_default_and_close(tiny_checkpoint):
+    path = tiny_checkpoint("olmoe")
+    engine = edge_prism.load(path, device="cuda")
+    assert engine.model.dtype in (torch.bfloat16, torch.float16)
+    ref = edge_prism.load(path, device="cpu").logits(PROMPT)
+    assert float((engine.logits(PROMPT) - ref).abs().max() / ref.abs().max()) < 0.05
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_cuda_budget_is_exact_and_held(prism_of, prefetch):
+    path = prism_of("olmoe")
+    ref = edge_prism.load(path, device="cuda", dtype="float32")
+    want = ref.generate_ids(PROMPT, max_new_tokens=12)
+    ref_logits = ref.logits(PROMPT)
+    del ref
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    budget = _min_budget(path)
+    engine = edge_prism.load(path, device="cuda", dtype="float32", memory_budget=budget, prefetch=prefetch)
+    assert engine.generate_ids(PROMPT, max_new_tokens=12) == want
+    torch.testing.assert_close(engine.logits(PROMPT), ref_logits, rtol=1e-5, atol=1e-5)
+    s = engine.stats
+    assert s["resident_bytes"] <= s["memory_budget_bytes"] == budget
+    # Device memory: the slot pool, the always-resident weights, KV cache and activations;
+    # never all sub-experts (the checkpoint's experts file is far larger than the budget here).
+    experts_bytes = (path / "experts.safetensors").stat().st_size
+    dense_bytes = (path / "dense.safetensors").stat().st_size
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < budget + dense_bytes + experts_bytes // 2 + 8 * 2**20
+
+
+def test_cuda_slots_are_not_overwritten_while_read(prism_of):
+    """Tiny budget + prefetch: every load reuses slots a kernel just read; a race would show
+    as a wrong token against the fully resident engine."""
+    path = prism_of("olmoe")
+    ref = edge_prism.load(path, device="cuda", dtype="float32").generate_ids(PROMPT, max_new_tokens=24)
+    engine = edge_prism.load(path, device="cuda", dtype="float32", memory_budget=_min_budget(path),
+                             prefetch=True, policy="lfu")
+    for _ in range(3):
+        assert engine.generate_ids(PROMPT, max_new_tokens=24) == ref
+
+
+def test_cuda_latency_budget_degrades(prism_of):
+    path = prism_of("olmoe")
+    engine = edge_prism.load(path, device="cuda", memory_budget=_min_budget(path), token_latency_ms=0.001)
+    engine.generate_ids(PROMPT, max_new_tokens=6)
+    assert engine.stats["dropped_subexperts"] > 0
