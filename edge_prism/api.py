@@ -98,7 +98,7 @@ def load_with(model: str | Path | None, cfg: RuntimeConfig) -> Engine:
         reader = TensorReader(raw.tensors, path, dtype=dtype, device=dev)
         transformer, tokenizer = build_plain(spec, reader, dtype=dtype, device=dev), raw.tokenizer
     spec = transformer.spec
-    max_ctx = cfg.max_context or spec.max_position
+    max_ctx = spec.max_position if cfg.max_context is None else cfg.max_context
     if max_ctx < 2:
         raise ConfigError(f"invalid max_context {max_ctx}: use at least 2 tokens")
     return Engine(transformer, tokenizer, source=path, max_context=min(max_ctx, spec.max_position))

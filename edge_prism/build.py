@@ -100,6 +100,18 @@ def check_shapes(spec: ModelSpec, reader: TensorReader, *, experts: bool = True)
     for name, shape in expected_shapes(spec).items():
         if name not in skip:
             reader.shape(name, shape)
+    extra = [n for n in reader.source.names() if _layer_of(n) is not None and _layer_of(n) >= spec.num_layers]
+    if extra:
+        raise ShapeMismatchError(f"{reader.where}: tensor '{extra[0]}' belongs to a layer beyond the "
+                                 f"config's num_hidden_layers={spec.num_layers}; config.json and the "
+                                 "weights disagree, use the config that came with these weights")
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        return int(parts[2])
+    return None
 
 
 def build_weights(spec: ModelSpec, reader: TensorReader) -> Weights:

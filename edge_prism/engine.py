@@ -94,6 +94,7 @@ class Engine:
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
         """Like generate(), yielding text pieces as tokens are produced."""
         ids = self.tokenizer.encode(prompt)
+        self._check_ids(ids)  # bad input fails here, not at the first next()
         return self._stream_text(ids, _sampling(sampling))
 
     def chat(self, messages: Sequence[dict], **sampling) -> str:
@@ -103,6 +104,7 @@ class Engine:
     def stream_chat(self, messages: Sequence[dict], **sampling) -> Iterator[str]:
         """Like chat(), yielding text pieces as tokens are produced."""
         ids = self.tokenizer.encode_chat(list(messages))
+        self._check_ids(ids)
         return self._stream_text(ids, _sampling(sampling))
 
     def generate_ids(self, ids: Sequence[int], **sampling) -> list[int]:
@@ -115,7 +117,7 @@ class Engine:
         if ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point:
             raise ConfigError(f"logits() takes a non-empty 1-D sequence of token ids, got shape "
                               f"{list(ids.shape)} of {ids.dtype}")
-        self._check_ids(ids.tolist())
+        self._check_ids(ids.tolist(), scoring=True)
         self.model.reset(0)
         self._cached = []
         out = self.model.forward(ids.long(), all_logits=True)
@@ -128,8 +130,9 @@ class Engine:
         self._cached = []
 
     # -- generation ----------------------------------------------------------------------
-    def _check_ids(self, ids: list[int]) -> None:
-        if len(ids) >= self.max_context:
+    def _check_ids(self, ids: list[int], *, scoring: bool = False) -> None:
+        # Generation needs one free position after the prompt; scoring does not.
+        if len(ids) > self.max_context or (not scoring and len(ids) == self.max_context):
             raise ContextLengthError(
                 f"the prompt is {len(ids)} tokens but the context holds {self.max_context}; "
                 "shorten the prompt (or start a new chat with /reset)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from edge_prism.errors import UnsupportedModelError
+from edge_prism.errors import CorruptCheckpointError, UnsupportedModelError
 from edge_prism.spec import FFNSpec, ModelSpec
 
 
@@ -131,9 +131,43 @@ def _eos_ids(cfg: dict) -> tuple[int, ...]:
     return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
 
 
+_POSITIVE = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size",
+             "num_key_value_heads", "head_dim", "max_position_embeddings", "moe_intermediate_size",
+             "num_experts_per_tok", "num_local_experts", "decoder_sparse_step")
+_NON_NEGATIVE = ("num_experts", "shared_expert_intermediate_size")
+_NUMBERS = ("rms_norm_eps", "rope_theta")
+_REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+
+
+def _check_types(cfg: dict, where: str) -> None:
+    """Refuse wrongly typed config values with the key's name, before any arithmetic."""
+    def bad(key: str, want: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{where}: '{key}' is {cfg[key]!r}, expected {want}; "
+                                      "fix config.json or use the one that came with the weights")
+
+    for key in _POSITIVE + _NON_NEGATIVE:
+        v = cfg.get(key)
+        if v is None and key in _REQUIRED and key in cfg:
+            raise bad(key, "a positive whole number")
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key in _POSITIVE else 0):
+            raise bad(key, "a positive whole number" if key in _POSITIVE else "a whole number >= 0")
+    for key in _NUMBERS:
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise bad(key, "a number")
+    for key in ("bos_token_id", "eos_token_id"):
+        v = cfg.get(key)
+        items = v if isinstance(v, list) else [v]
+        if v is not None and any(isinstance(i, bool) or not isinstance(i, int) for i in items):
+            raise bad(key, "a token id or a list of token ids")
+
+
 def build_spec(cfg: dict, *, where: str) -> ModelSpec:
     """A ModelSpec from a Hugging Face config dict; ``where`` names the file for errors."""
     family = get_family(str(cfg.get("model_type")), where=where)
+    _check_types(cfg, where)
     try:
         hidden = int(cfg["hidden_size"])
         heads = int(cfg["num_attention_heads"])

@@ -185,16 +185,10 @@ def test_generation_stops_at_the_end_of_the_context(short_engine):
     assert len(short_engine.generate_ids(list(range(65, 65 + 28)), max_new_tokens=10, temperature=0)) <= 4
 
 
-@pytest.mark.xfail(reason="BUG: Engine.logits() reuses the generation check len(ids) >= max_context "
-                          "(engine.py _check_ids), so a sequence exactly filling the context is refused "
-                          "although scoring it needs no extra position", strict=True)
 def test_logits_accepts_a_sequence_filling_the_context(short_engine):
     assert short_engine.logits(list(range(65, 65 + 32))).shape == (32, short_engine.spec.vocab_size)
 
 
-@pytest.mark.xfail(reason="BUG: api.py load_with() computes `cfg.max_context or spec.max_position` "
-                          "(line ~94), so max_context=0 silently means the model's full context instead of "
-                          "failing like max_context=1 or -3 do", strict=True)
 def test_zero_max_context_is_refused(tiny_checkpoint):
     with pytest.raises(ConfigError, match="max_context"):
         edge_prism.load(tiny_checkpoint("llama"), max_context=0)

@@ -49,6 +49,8 @@ class SafetensorsFile:
             raise _corrupt(self.path, "unreadable header") from None
         except OSError as e:
             raise _corrupt(self.path, f"cannot be read ({e.strerror})") from None
+        if not isinstance(header, dict):
+            raise _corrupt(self.path, "header is not a JSON object")
         self.metadata = header.pop("__metadata__", None) or {}
         self._base = 8 + hlen
         self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
