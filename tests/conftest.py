@@ -152,3 +152,46 @@ def default_engine(default_model_path):
     import edge_prism
 
     return edge_prism.load()
+
+
+# -- prism checkpoints ---------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def prism_of(tiny_checkpoint, tmp_path_factory):
+    """``prism_of(family, solver='anneal', **RefactorConfig fields)`` -> a prism checkpoint dir.
+
+    Refactored once per argument set per session with a small calibration budget; treat it
+    as read-only (copy it before damaging it).
+    """
+    from edge_prism.refactor.refactor import RefactorConfig, refactor
+
+    built: dict[str, Path] = {}
+    fast = dict(calib_tokens=384, rows_per_expert=256, seq_len=128)
+
+    def make(family: str, solver: str = "anneal", **kw) -> Path:
+        key = json.dumps([family, solver, kw], sort_keys=True)
+        if key not in built:
+            out = tmp_path_factory.mktemp("prism") / f"{family}-{solver}.prism"
+            refactor(tiny_checkpoint(family), out, RefactorConfig(**{**fast, "solver": solver, **kw}),
+                     progress=False)
+            built[key] = out
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def min_budget():
+    """``min_budget(prism_dir, operating_point=None)`` -> the smallest memory budget in bytes."""
+    def get(path: Path, operating_point: int | None = None) -> int:
+        from edge_prism.api import layer_blocks
+        from edge_prism.families import build_spec
+        from edge_prism.refactor.prism import open_prism
+        from edge_prism.runtime.store import minimum_budget
+        from edge_prism.select import max_operating_point
+
+        pc = open_prism(path)
+        spec = build_spec(pc.config, where=str(path))
+        k = operating_point or max_operating_point(spec, pc.parts)
+        return minimum_budget(layer_blocks(pc, spec, k))
+
+    return get

@@ -10,23 +10,8 @@ import edge_prism
 from edge_prism.cli import main
 from edge_prism.errors import BudgetError, ConfigError
 
-from test_refactor import prism_of  # noqa: F401  (shared fixture; moves to conftest)
-
 PROMPT = list(range(70, 94))
 FAMILIES = ["llama", "qwen2_moe-mlp_only_layers", "olmoe"]
-
-
-def _min_budget(path, **kw) -> int:
-    from edge_prism.api import layer_blocks
-    from edge_prism.families import build_spec
-    from edge_prism.refactor.prism import open_prism
-    from edge_prism.runtime.store import minimum_budget
-    from edge_prism.select import max_operating_point
-
-    pc = open_prism(path)
-    spec = build_spec(pc.config, where="test")
-    k = kw.get("operating_point") or max_operating_point(spec, pc.parts)
-    return minimum_budget(layer_blocks(pc, spec, k))
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +33,10 @@ def _total(path) -> int:
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.25, 0.5, 1.0])
-def test_output_does_not_depend_on_the_budget(family, fraction, prism_of, resident):
+def test_output_does_not_depend_on_the_budget(family, fraction, prism_of, resident, min_budget):
     path = prism_of(family)
     # Every budget from the minimum up (a dense model at full K needs a whole layer).
-    budget = max(_min_budget(path), int(fraction * _total(path)))
+    budget = max(min_budget(path), int(fraction * _total(path)))
     ref = resident(family)
     engine = edge_prism.load(path, memory_budget=budget)
     torch.testing.assert_close(engine.logits(PROMPT), ref.logits(PROMPT), rtol=1e-5, atol=1e-5)
@@ -70,8 +55,8 @@ def test_lower_operating_point_under_budget_is_exact(policy, prism_of, resident)
     assert engine.generate_ids(PROMPT, max_new_tokens=10) == ref.generate_ids(PROMPT, max_new_tokens=10)
 
 
-def test_small_budget_misses_and_moves_bytes(prism_of):
-    engine = edge_prism.load(prism_of("olmoe"), memory_budget=_min_budget(prism_of("olmoe")))
+def test_small_budget_misses_and_moves_bytes(prism_of, min_budget):
+    engine = edge_prism.load(prism_of("olmoe"), memory_budget=min_budget(prism_of("olmoe")))
     engine.generate_ids(PROMPT, max_new_tokens=6)
     s = engine.stats
     assert s["misses"] > 0 and s["bytes_to_device"] > 0
@@ -94,9 +79,9 @@ def test_pool_is_preallocated_within_budget(prism_of):
     assert [p.pool.buffer.data_ptr() for p in store._pools.values()] == ptrs
 
 
-def test_budget_below_minimum_fails_at_load(prism_of):
+def test_budget_below_minimum_fails_at_load(prism_of, min_budget):
     path = prism_of("olmoe")
-    low = _min_budget(path) - 1
+    low = min_budget(path) - 1
     with pytest.raises(BudgetError, match=f"minimum is .*\\({low + 1} bytes\\)"):
         edge_prism.load(path, memory_budget=low)
 

@@ -7,18 +7,11 @@ import pytest
 import torch
 
 import edge_prism
-from test_refactor import prism_of  # noqa: F401  (shared fixture)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 PROMPT = list(range(70, 94))
-
-
-def _min_budget(path) -> int:
-    from test_budget import _min_budget as mb
-
-    return mb(path)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2_moe", "olmoe"])
@@ -38,7 +31,7 @@ def test_cuda_bfloat16_is_the_default_and_close(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("prefetch", [False, True])
-def test_cuda_budget_is_exact_and_held(prism_of, prefetch):
+def test_cuda_budget_is_exact_and_held(prism_of, prefetch, min_budget):
     path = prism_of("olmoe")
     ref = edge_prism.load(path, device="cuda", dtype="float32")
     want = ref.generate_ids(PROMPT, max_new_tokens=12)
@@ -47,7 +40,7 @@ def test_cuda_budget_is_exact_and_held(prism_of, prefetch):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    budget = _min_budget(path)
+    budget = min_budget(path)
     engine = edge_prism.load(path, device="cuda", dtype="float32", memory_budget=budget, prefetch=prefetch)
     assert engine.generate_ids(PROMPT, max_new_tokens=12) == want
     torch.testing.assert_close(engine.logits(PROMPT), ref_logits, rtol=1e-5, atol=1e-5)
@@ -61,19 +54,19 @@ def test_cuda_budget_is_exact_and_held(prism_of, prefetch):
     assert peak < budget + dense_bytes + experts_bytes // 2 + 8 * 2**20
 
 
-def test_cuda_slots_are_not_overwritten_while_read(prism_of):
+def test_cuda_slots_are_not_overwritten_while_read(prism_of, min_budget):
     """Tiny budget + prefetch: every load reuses slots a kernel just read; a race would show
     as a wrong token against the fully resident engine."""
     path = prism_of("olmoe")
     ref = edge_prism.load(path, device="cuda", dtype="float32").generate_ids(PROMPT, max_new_tokens=24)
-    engine = edge_prism.load(path, device="cuda", dtype="float32", memory_budget=_min_budget(path),
+    engine = edge_prism.load(path, device="cuda", dtype="float32", memory_budget=min_budget(path),
                              prefetch=True, policy="lfu")
     for _ in range(3):
         assert engine.generate_ids(PROMPT, max_new_tokens=24) == ref
 
 
-def test_cuda_latency_budget_degrades(prism_of):
+def test_cuda_latency_budget_degrades(prism_of, min_budget):
     path = prism_of("olmoe")
-    engine = edge_prism.load(path, device="cuda", memory_budget=_min_budget(path), token_latency_ms=0.001)
+    engine = edge_prism.load(path, device="cuda", memory_budget=min_budget(path), token_latency_ms=0.001)
     engine.generate_ids(PROMPT, max_new_tokens=6)
     assert engine.stats["dropped_subexperts"] > 0

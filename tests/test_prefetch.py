@@ -14,15 +14,8 @@ import torch
 
 import edge_prism
 from edge_prism.runtime.planner import CostModel, LatencyPlanner
-from test_refactor import prism_of  # noqa: F401  (shared fixture)
 
 PROMPT = list(range(70, 94))
-
-
-def _min_budget(path) -> int:
-    from test_budget import _min_budget as mb
-
-    return mb(path)
 
 
 @pytest.fixture(scope="module")
@@ -30,22 +23,22 @@ def olmoe(prism_of):
     return prism_of("olmoe")
 
 
-def test_prefetch_does_not_change_output(olmoe):
-    budget = _min_budget(olmoe) * 2
+def test_prefetch_does_not_change_output(olmoe, min_budget):
+    budget = min_budget(olmoe) * 2
     on = edge_prism.load(olmoe, memory_budget=budget, prefetch=True)
     off = edge_prism.load(olmoe, memory_budget=budget, prefetch=False)
     assert on.generate_ids(PROMPT, max_new_tokens=12) == off.generate_ids(PROMPT, max_new_tokens=12)
     torch.testing.assert_close(on.logits(PROMPT), off.logits(PROMPT), rtol=1e-5, atol=1e-5)
 
 
-def test_prefetch_stats_are_reported(olmoe):
-    engine = edge_prism.load(olmoe, memory_budget=_min_budget(olmoe) * 2)
+def test_prefetch_stats_are_reported(olmoe, min_budget):
+    engine = edge_prism.load(olmoe, memory_budget=min_budget(olmoe) * 2)
     engine.generate_ids(PROMPT, max_new_tokens=12)
     s = engine.stats
     assert 0.0 <= s["prefetch_precision"] <= 1.0 and 0.0 <= s["prefetch_recall"] <= 1.0
     assert s["prefetched_unused_bytes"] >= 0
     assert engine.model.store.stats.prefetch_issued > 0
-    off = edge_prism.load(olmoe, memory_budget=_min_budget(olmoe) * 2, prefetch=False)
+    off = edge_prism.load(olmoe, memory_budget=min_budget(olmoe) * 2, prefetch=False)
     off.generate_ids(PROMPT, max_new_tokens=4)
     assert "prefetch_precision" not in off.stats
 
@@ -77,12 +70,12 @@ def test_predictor_matches_the_layer_itself_when_residual_is_unchanged(olmoe):
     assert sorted(pred.units.tolist()) == units.tolist()
 
 
-def test_drift_correction_is_stored_and_used(olmoe):
+def test_drift_correction_is_stored_and_used(olmoe, min_budget):
     from edge_prism.refactor.prism import open_prism
 
     pc = open_prism(olmoe)
     assert "layers.0.predict.1.scale" in pc.gates.names()
-    engine = edge_prism.load(olmoe, memory_budget=_min_budget(olmoe) * 2)
+    engine = edge_prism.load(olmoe, memory_budget=min_budget(olmoe) * 2)
     assert (0, 1) in engine.model.prefetcher.predictor.corrections
 
 
@@ -190,8 +183,8 @@ def test_no_latency_budget_drops_nothing_and_generous_budget_is_exact(olmoe):
     assert s["dropped_subexperts"] == 0 and s["tokens_within_budget"] == 1.0
 
 
-def test_tight_latency_budget_degrades_instead_of_stalling(olmoe):
-    engine = edge_prism.load(olmoe, memory_budget=_min_budget(olmoe), token_latency_ms=0.001)
+def test_tight_latency_budget_degrades_instead_of_stalling(olmoe, min_budget):
+    engine = edge_prism.load(olmoe, memory_budget=min_budget(olmoe), token_latency_ms=0.001)
     out = engine.generate_ids(PROMPT, max_new_tokens=8)
     s = engine.stats
     full = engine.spec.ffn[0].top_k * engine.model.parts[0]

@@ -24,23 +24,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.fixture(scope="session")
-def prism_of(tiny_checkpoint, tmp_path_factory):
-    """``prism_of(family, solver='anneal', **cfg)`` -> a prism checkpoint dir, built once."""
-    built: dict[str, Path] = {}
-
-    def make(family: str, solver: str = "anneal", **kw) -> Path:
-        key = json.dumps([family, solver, kw], sort_keys=True)
-        if key not in built:
-            out = tmp_path_factory.mktemp("prism") / f"{family}-{solver}.prism"
-            cfg = RefactorConfig(**{**FAST.__dict__, "solver": solver, **kw})
-            refactor(tiny_checkpoint(family), out, cfg, progress=False)
-            built[key] = out
-        return built[key]
-
-    return make
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_operating_point_reproduces_the_original(family, prism_of, tiny_engines):
     plain = tiny_engines(family).logits(PROMPT)
