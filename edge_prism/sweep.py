@@ -449,7 +449,7 @@ def _run_one(subject, cfg: SweepConfig, system: str, budget: str, k: int, prompt
             else:
                 layers = whole_expert_blocks(subject.layer_blocks(k), subject.spec, k)
                 engine = subject.with_store(ExpertLRUStore, layers, budget, k)
-    except BudgetError as e:
+    except (BudgetError, torch.OutOfMemoryError) as e:
         log.warning("%s at %s, K=%d: %s", system, budget, k, e)
         return SweepRow(system, budget, k, None, None, None, None, None, None, subject.perplexity(k),
                         budget_bytes=nbytes, note=f"not run: {e}", **common)
@@ -648,7 +648,7 @@ _COLORS = {"edge-prism": "tab:blue", "edge-prism+prefetch": "tab:cyan", "subexpe
 
 def plot(rows: Sequence[SweepRow], path: str | Path) -> None:
     """A PNG: tokens/s, MiB moved per token and hit rate against the memory budget, one line
-    per system (and operating point); all-resident as a dashed level."""
+    per system and operating point; all-resident and the bound only where they mean something."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -657,11 +657,14 @@ def plot(rows: Sequence[SweepRow], path: str | Path) -> None:
     budgets = list(dict.fromkeys(r.memory_budget for r in rows if r.memory_budget not in (ALL, "-")))
     points = sorted({r.operating_point for r in rows}, reverse=True)
     styles = dict(zip(points, ["-", "--", ":", "-."] * 4))
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    panels = [("tokens_per_s", "decode tokens/s", 1.0), ("bytes_per_token", "MiB moved to device per token",
-                                                         1 / 2**20), ("hit_rate", "hit rate (%)", 100.0)]
-    for ax, (field, label, scale) in zip(axes, panels):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.2))
+    panels = [("tokens_per_s", "decode tokens/s", 1.0),
+              ("bytes_per_token", "MiB moved to the device per token", 1 / 2**20),
+              ("hit_rate", "hit rate (%)", 100.0)]
+    for i, (ax, (field, label, scale)) in enumerate(zip(axes, panels)):
         for system in SYSTEMS:
+            if i and system in ("all-resident", "bound"):
+                continue  # their traffic is nil or edge-prism's: only their speed says something
             for k in points:
                 sel = [r for r in rows if r.system == system and r.operating_point == k
                        and getattr(r, field) is not None]
@@ -677,18 +680,19 @@ def plot(rows: Sequence[SweepRow], path: str | Path) -> None:
                 sel = [r for r in sel if r.memory_budget in budgets]
                 xs = [budgets.index(r.memory_budget) for r in sel]
                 ys = [getattr(r, field) * scale for r in sel]
-                ax.plot(xs, ys, color=color, ls=styles[k], marker="o" if system != "bound" else "x",
-                        lw=1.6 if system.startswith("edge-prism") else 1.1, label=name)
+                ax.plot(xs, ys, color=color, ls=styles[k], marker="x" if system == "bound" else "o",
+                        lw=1.8 if system.startswith("edge-prism") else 1.1, label=name)
         ax.set_xticks(range(len(budgets)), budgets)
         ax.set_xlabel("memory budget (resident sub-expert bytes)")
         ax.set_ylabel(label)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="best")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
     r0 = rows[0]
     syn = "  [SYNTHETIC random weights: speed and traffic only]" if r0.synthetic else ""
     fig.suptitle(f"memory-budget sweep: {r0.model} on {r0.device}{syn}", fontsize=12)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 * (1 + (len(labels) - 1) // 6), 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")

@@ -76,11 +76,11 @@ class SyntheticConfig:
 
     @property
     def name(self) -> str:
-        """The label that tables, files and plots carry."""
-        if self.model in PRESETS:
-            return self.model
+        """The label that tables, files and plots carry: model, then layers and skew when set."""
         path = Path(self.model)
-        return (path.name if path.is_dir() else path.parent.name) or path.stem
+        base = self.model if self.model in PRESETS else (
+            (path.name if path.is_dir() else path.parent.name) or path.stem)
+        return base + (f"-L{self.layers}" if self.layers else "") + (f"-skew{self.skew:g}" if self.skew else "")
 
 
 def synthetic_config_dict(model: str, *, layers: int | None = None) -> dict:
