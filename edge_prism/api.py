@@ -116,8 +116,11 @@ def _build_prism(path: Path, cfg: RuntimeConfig, *, dtype: torch.dtype, device: 
     check_shapes(spec, reader, experts=False)
     parts = pc.parts
     kind = cfg.gate or pc.manifest["gates"]["default"]
-    if kind not in GATE_KINDS:
+    if kind not in GATE_KINDS + ("oracle",):
         raise ConfigError(f"invalid gate '{kind}': use one of {', '.join(GATE_KINDS)}")
+    if kind == "oracle" and cfg.memory_budget is not None:
+        raise ConfigError("the oracle gate is for quality measurements and needs every sub-expert "
+                          "resident: drop --memory-budget")
     full = max_operating_point(spec, parts)
     k = cfg.operating_point
     if k is None:
@@ -130,7 +133,13 @@ def _build_prism(path: Path, cfg: RuntimeConfig, *, dtype: torch.dtype, device: 
     weights = build_weights(spec, reader)
     model = Transformer(spec, weights, store, parts=parts, dtype=dtype, device=device)
     if k != full or cfg.token_latency_ms is not None:
-        model.gates = [_layer_gate(pc, layer, kind, dtype, device) for layer in range(spec.num_layers)]
+        if kind == "oracle":
+            from edge_prism.select import LayerGate
+
+            model.gates = [LayerGate("oracle", store.pool(layer), spec.ffn[layer].num_experts)
+                           for layer in range(spec.num_layers)]
+        else:
+            model.gates = [_layer_gate(pc, layer, kind, dtype, device) for layer in range(spec.num_layers)]
     if k != full:  # full K needs no gate: the exact path stays untouched
         model.selector = SubExpertSelector(spec, parts, model.gates, k)
     if cfg.prefetch and cfg.memory_budget is not None:
@@ -244,7 +253,7 @@ def default_prism(*, progress: bool = True) -> Path:
     from edge_prism.loaders.default import default_model_path
     from edge_prism.errors import PrismCheckpointError
     from edge_prism.refactor.prism import is_prism, open_prism
-    from edge_prism.refactor.refactor import RefactorConfig, refactor
+    from edge_prism.refactor.refactor import RefactorConfig, config_record, refactor
 
     root = Path(os.environ.get("EDGE_PRISM_CACHE") or
                 Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-prism")
@@ -252,8 +261,9 @@ def default_prism(*, progress: bool = True) -> Path:
     out = root / f"{src.stem}.prism"
     if is_prism(out):
         try:
-            open_prism(out)
-            return out
+            if open_prism(out).manifest.get("refactor_config") == config_record(RefactorConfig()):
+                return out
+            log.warning("rebuilding the default prism checkpoint: refactoring defaults changed")
         except PrismCheckpointError as e:
             log.warning("rebuilding the default prism checkpoint: %s", e)
     log.warning("building the default model's prism checkpoint in %s (first use only)", out)

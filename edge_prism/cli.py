@@ -295,7 +295,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
                      help="calibration text file (repeatable; default: Python stdlib docstrings)")
     ref.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens")
     ref.add_argument("--solver", default="anneal", choices=("anneal", "greedy", "contiguous", "random"))
-    ref.add_argument("--gate", default="proxy", choices=("proxy", "linear"), help="default sub-expert gate")
+    ref.add_argument("--gate", default="linear", choices=("proxy", "linear"),
+                     help="default sub-expert gate (both are stored; linear measured better)")
     ref.add_argument("--seed", type=int, default=0)
     ref.add_argument("--force", action="store_true", help="replace an existing output")
     handlers["refactor"] = cmd_refactor

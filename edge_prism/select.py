@@ -49,14 +49,31 @@ class LayerGate:
     """One layer's gate parameters, batched over experts."""
 
     kind: str
-    a: torch.Tensor  # proxy: rows [E, S, r, 2, D]; linear: weight [E, D, S]
-    b: torch.Tensor | None = None  # linear: bias [E, S]
+    a: torch.Tensor  # proxy: rows [E, S, r, 2, D]; linear: weight [E, D, S]; oracle: block pool
+    b: torch.Tensor | int | None = None  # linear: bias [E, S]; oracle: number of experts
 
     def scores(self, x: torch.Tensor, topi: torch.Tensor) -> torch.Tensor:
         """Gate scores [T, k, S] of each token's routed experts' parts."""
+        if self.kind == "oracle":
+            return oracle_scores(self.a, self.a.shape[0] // self.b, x, topi)  # [T, k, S]
         if self.kind == "proxy":
             return gatelib.proxy_scores_batched(self.a, x, topi)  # [T, k, S]
         return gatelib.linear_scores_batched(self.a, self.b, x, topi)  # [T, k, S]
+
+
+def oracle_scores(pool: torch.Tensor, parts: int, x: torch.Tensor, topi: torch.Tensor) -> torch.Tensor:
+    """Exact activation mass of each routed part [T, k, S] (evaluation only: it computes
+    every part of every expert, so it saves nothing; it bounds what a real gate can do).
+
+    ``pool`` is the layer's resident block buffer in unit order [E*S, 3, n, D].
+    """
+    U, _, n, D = pool.shape
+    T, k = topi.shape
+    gu = pool[:, :2].reshape(U, 2 * n, D).to(x.dtype)  # [U, 2n, D]
+    h = torch.matmul(gu, x.t()).transpose(1, 2)  # [U, T, 2n]
+    mass = (torch.nn.functional.silu(h[..., :n]) * h[..., n:]).abs().sum(-1)  # [U, T]
+    per_expert = mass.view(U // parts, parts, T).permute(2, 0, 1)  # [T, E, S]
+    return per_expert.gather(1, topi[:, :, None].expand(T, k, parts))  # [T, k, S]
 
 
 class SubExpertSelector:

@@ -31,7 +31,9 @@ from edge_prism.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GATE = "proxy"
+# Measured on the default model (held-out stdlib docstrings, K=12 of 16): linear x1.35 of
+# full perplexity, proxy x1.79 (oracle x1.25); the lower one is the default.
+DEFAULT_GATE = "linear"
 
 
 @dataclass(frozen=True)
@@ -229,11 +231,19 @@ def refactor(model: str | Path | None, out: Path, cfg: RefactorConfig = Refactor
         "solver": {"name": cfg.solver, "keep_fraction": cfg.keep_fraction,
                    "objective_per_token": objective},
         "tokenizer": _tokenizer_files(path),
+        "refactor_config": config_record(cfg),
     }
     write_prism(out, manifest=manifest, dense=dense, experts=experts, gates=gates, force=force,
                 extra=raw.tokenizer.save)
     return RefactorReport(out=out, seconds=time.perf_counter() - start, calib_tokens=collector.tokens,
                           objective=objective)
+
+
+def config_record(cfg: RefactorConfig) -> dict:
+    """The knobs of a run as JSON (a cached checkpoint is rebuilt when its defaults change)."""
+    rec = dict(vars(cfg))
+    rec["calib_files"] = [str(f) for f in cfg.calib_files]
+    return rec
 
 
 def _tokenizer_files(path: Path) -> str:
