@@ -313,6 +313,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     ev.add_argument("--json", action="store_true", help="print only a JSON list of rows on stdout")
     handlers["eval"] = cmd_eval
 
+    from edge_prism.sweep import add_sweep_parser
+
+    handlers["sweep"] = add_sweep_parser(sub)
+
     info = sub.add_parser("info", help="versions, devices, memory, default model",
                           description="Show torch/CUDA versions, GPUs, host memory and the default model.")
     handlers["info"] = cmd_info

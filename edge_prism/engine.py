@@ -46,11 +46,12 @@ class Engine:
     """A model ready to generate. Build it with :func:`edge_prism.load`."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, source: Path,
-                 max_context: int):
+                 max_context: int, synthetic: bool = False):
         self.model = model
         self._tokenizer = tokenizer
         self.source = source
         self.max_context = max_context
+        self.synthetic = synthetic  # random weights at real shapes: every figure is labelled
         self._cached: list[int] = []  # token ids whose keys/values are in the KV cache
         self._last = GenerationStats()
 
@@ -72,6 +73,8 @@ class Engine:
     def stats(self) -> dict:
         """Figures of the last generation, plus the runtime's when it keeps any."""
         out = self._last.as_dict()
+        if self.synthetic:
+            out["synthetic"] = True
         lat = sorted(self._last.token_latencies_s)
         if lat:
             out["token_latency_p50_ms"] = 1000 * lat[len(lat) // 2]

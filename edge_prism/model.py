@@ -36,6 +36,7 @@ class LayerWeights:
     q_norm: torch.Tensor | None  # [hd] (head) or [H*hd] (full)
     k_norm: torch.Tensor | None
     router: torch.Tensor | None  # [E, D]
+    router_bias: torch.Tensor | None = None  # [E] (synthetic routing skew)
     shared_gu: torch.Tensor | None = None  # [2*Ws, D]
     shared_down: torch.Tensor | None = None  # [D, Ws]
     shared_gate: torch.Tensor | None = None  # [1, D]
@@ -267,7 +268,7 @@ class Transformer:
         if not f.routed:
             ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
             return ones, torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
-        logits = F.linear(x, lw.router)  # [T, E]
+        logits = F.linear(x, lw.router, lw.router_bias)  # [T, E]
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
         topv, topi = torch.topk(probs, min(f.top_k, self.route_top_k or f.top_k), dim=-1)  # [T, k]
         if f.norm_topk_prob:

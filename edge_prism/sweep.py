@@ -66,6 +66,9 @@ class SweepConfig:
     synthetic: SyntheticConfig | None = None  # set: sweep this synthetic model instead of a checkpoint
     threads: int | None = None  # CPU threads for compute during the sweep (None: torch's default)
     progress: bool = False
+    # Token-latency budgets as multiples of edge-prism's unconstrained p50 at the same budget
+    # (prism checkpoints only: the synthetic builder has no latency planner).
+    latency_factors: tuple[float, ...] = (0.7, 3.0)
 
     def __post_init__(self) -> None:
         if not self.memory_budgets:
@@ -99,6 +102,11 @@ class SweepRow:
     budget_bytes: int | None = None
     tokens: int = 0  # decoded tokens measured
     note: str = ""
+    latency_budget_ms: float | None = None  # token-latency budget rows only
+    within_budget: float | None = None  # fraction of decode tokens within it
+    dropped_per_token: float | None = None  # sub-experts dropped per decode token (all layers)
+    kl_vs_full: float | None = None  # mean KL(undegraded || degraded) of next-token distributions
+    same_tokens: float | None = None  # fraction of greedy tokens equal to the undegraded engine's
 
     def as_dict(self) -> dict:
         """CSV-ready dict (None as an empty cell)."""
@@ -116,12 +124,8 @@ class SubExpertLRUStore(BudgetedStore):
     what may be evicted.
     """
 
-    def _make_pool(self, *args, **kwargs):
-        from edge_prism.runtime.policy import ResidencyPolicy
-
-        p = super()._make_pool(*args, **kwargs)
-        p.policy = ResidencyPolicy(p.pool.num_slots, policy=p.policy.policy)  # no pinned keys
-        return p
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs, pin_hot=False)
 
 
 class ExpertLRUStore(SubExpertLRUStore):
@@ -210,8 +214,11 @@ class _PrismSubject:
     def resident(self, k: int):
         return self._load(k, None)
 
-    def ours(self, budget: str, k: int, prefetch: bool):
-        return self._load(k, budget, **({"prefetch": prefetch} if supports_prefetch() else {}))
+    def ours(self, budget: str, k: int, prefetch: bool, token_latency_ms: float | None = None):
+        extra = {"prefetch": prefetch} if supports_prefetch() else {}
+        if token_latency_ms is not None:
+            extra["token_latency_ms"] = token_latency_ms
+        return self._load(k, budget, **extra)
 
     def with_store(self, store_class, layers: list[LayerBlocks], budget: str, k: int):
         from edge_prism.runtime.store import minimum_budget, prism_tiers
@@ -425,6 +432,8 @@ def _sweep(model: str | Path | None, cfg: SweepConfig) -> list[SweepRow]:
     for k, budget, system in bar:
         bar.set_postfix_str(f"K={k} {budget} {system}")
         rows.append(_run_one(subject, cfg, system, budget, k, prompts, warm, common))
+    if not subject.synthetic:
+        rows += _latency_rows(subject, cfg, rows, prompts, warm, common)
     if cfg.baselines:
         rows += _transformers_rows(subject, cfg, points, prompts, common)
         rows += _bound_rows(subject, rows, common)
@@ -459,6 +468,67 @@ def _run_one(subject, cfg: SweepConfig, system: str, budget: str, k: int, prompt
         _release(engine)
     return SweepRow(system, budget, k, m.tokens_per_s, m.ttft_s, m.hit_rate, m.bytes_per_token, m.p50_ms,
                     m.p99_ms, subject.perplexity(k), budget_bytes=nbytes, tokens=m.tokens, **common)
+
+
+@torch.inference_mode()
+def lockstep_quality(degraded, reference, prompt: Sequence[int], new_tokens: int) -> tuple[float, float]:
+    """Mean KL(reference || degraded) of the next-token distribution over a greedy decode
+    driven by the degraded engine, and the fraction of steps whose argmax both agree on."""
+    import torch.nn.functional as F
+
+    for e in (degraded, reference):
+        e.reset()
+    ids = torch.tensor(list(prompt))
+    d, r = degraded.model.forward(ids)[-1], reference.model.forward(ids)[-1]
+    kl, same = 0.0, 0
+    for _ in range(new_tokens):
+        kl += float(F.kl_div(F.log_softmax(d, -1), F.log_softmax(r, -1), log_target=True, reduction="sum"))
+        tok = int(d.argmax())
+        same += int(tok == int(r.argmax()))
+        nxt = torch.tensor([tok])
+        d, r = degraded.model.forward(nxt)[-1], reference.model.forward(nxt)[-1]
+    for e in (degraded, reference):
+        e.reset()
+    return kl / new_tokens, same / new_tokens
+
+
+def _latency_rows(subject, cfg: SweepConfig, rows: list[SweepRow], prompts, warm, common) -> list[SweepRow]:
+    """edge-prism under token-latency budgets of ``cfg.latency_factors`` x its unconstrained p50."""
+    out = []
+    base_system = "edge-prism+prefetch" if supports_prefetch() else "edge-prism"
+    for base in [r for r in rows if r.system == base_system and r.p50_ms]:
+        reference = subject.resident(base.operating_point)
+        for factor in cfg.latency_factors:
+            budget_ms = factor * base.p50_ms
+            engine = subject.ours(base.memory_budget, base.operating_point, prefetch=True,
+                                  token_latency_ms=budget_ms)
+            try:
+                m = measure(engine, prompts, warm, cfg.new_tokens)
+                st = _latency_stats(engine, prompts, cfg.new_tokens)
+                kl, same = lockstep_quality(engine, reference, prompts[0], cfg.new_tokens)
+            finally:
+                _release(engine)
+            out.append(SweepRow(
+                f"edge-prism+latency x{factor:g}", base.memory_budget, base.operating_point, m.tokens_per_s,
+                m.ttft_s, m.hit_rate, m.bytes_per_token, m.p50_ms, m.p99_ms,
+                subject.perplexity(base.operating_point), budget_bytes=base.budget_bytes, tokens=m.tokens,
+                latency_budget_ms=budget_ms, within_budget=st[0], dropped_per_token=st[1], kl_vs_full=kl,
+                same_tokens=same, note=f"token-latency budget {factor:g} x unconstrained p50", **common))
+        _release(reference)
+    return out
+
+
+def _latency_stats(engine, prompts, new_tokens: int) -> tuple[float | None, float | None]:
+    within, dropped, n = 0.0, 0.0, 0
+    for ids in prompts:
+        engine.generate_ids(list(ids), max_new_tokens=new_tokens, temperature=0)
+        st = engine.stats
+        if st.get("tokens_within_budget") is not None:
+            within += st["tokens_within_budget"]
+            dropped += st["dropped_subexperts_per_token"]
+            n += 1
+    engine.reset()
+    return (within / n, dropped / n) if n else (None, None)
 
 
 def _bound_rows(subject, rows: list[SweepRow], common) -> list[SweepRow]:
@@ -596,6 +666,15 @@ def format_table(rows: Sequence[SweepRow]) -> str:
             f"{_cell(r.bytes_per_token, 8, '.3f', 1 / 2**20)} {_cell(r.p50_ms, 7, '.1f')} "
             f"{_cell(r.p99_ms, 7, '.1f')} {_cell(r.perplexity, 7, '.2f')} {_cell(x_tps, 8, '.2f')} "
             f"{_cell(x_bytes, 8, '.2f')}")
+    lat = [r for r in rows if r.latency_budget_ms is not None]
+    if lat:
+        lines += ["", f"{'token-latency budget':{name_w}} {'budget':>7} {'K':>4} {'limit ms':>8} "
+                      f"{'within %':>8} {'drop/tok':>8} {'KL':>8} {'same %':>7}"]
+        for r in lat:
+            lines.append(f"{r.system:{name_w}} {r.memory_budget:>7} {r.operating_point:>4} "
+                         f"{_cell(r.latency_budget_ms, 8, '.1f')} {_cell(r.within_budget, 8, '.1f', 100)} "
+                         f"{_cell(r.dropped_per_token, 8, '.1f')} {_cell(r.kl_vs_full, 8, '.4f')} "
+                         f"{_cell(r.same_tokens, 7, '.1f', 100)}")
     notes = sorted({f"{r.system}: {r.note}" for r in rows if r.note})
     lines += ["", f"x tok/s, x bytes: ratio to {REFERENCE} at the same budget and K",
               *[f"note: {n}" for n in notes]]

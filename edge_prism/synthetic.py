@@ -360,9 +360,8 @@ class SyntheticModel:
             from edge_prism.prefetch import Predictor, Prefetcher
 
             model.prefetcher = Prefetcher(Predictor(model), store)
-        engine = Engine(model, None, source=self.source, max_context=self.spec.max_position)
-        engine.synthetic = True  # every figure from it must say so
-        return engine
+        # Every figure from a synthetic engine must say so.
+        return Engine(model, None, source=self.source, max_context=self.spec.max_position, synthetic=True)
 
 
 def build_synthetic(name_or_config: str | Path, *, device: str = "auto", dtype: str | None = None,

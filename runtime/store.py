@@ -139,8 +139,9 @@ class BudgetedStore:
     """An ExpertStore holding at most ``budget_bytes`` of sub-expert blocks on ``device``."""
 
     def __init__(self, tiers: TierFactory, layers: Sequence[LayerBlocks], *, budget_bytes: int,
-                 device: torch.device, policy: str = "lru", workers: int = 2):
+                 device: torch.device, policy: str = "lru", workers: int = 2, pin_hot: bool = True):
         self.device = device
+        self.pin_hot = pin_hot  # False: every slot replaceable (a plain cache, for baselines)
         self.layers = list(layers)
         self.budget_bytes = budget_bytes
         self.stats = StoreStats()
@@ -173,7 +174,7 @@ class BudgetedStore:
         min_slots = max(lb.max_selection for lb in group)
         # The dynamic region must hold a layer's largest selection (and room to prefetch);
         # the hottest sub-experts fill the rest for good.
-        dynamic = min(num_slots, max(2 * min_slots, num_slots // 4))
+        dynamic = min(num_slots, max(2 * min_slots, num_slots // 4)) if self.pin_hot else num_slots
         hottest = [h[3] for h in sorted(heat)]
         pinned = hottest[: num_slots - dynamic]
         pool = SlotPool(num_slots, lb0.block_shape, lb0.dtype, self.device)

@@ -15,6 +15,17 @@ from typing import Callable
 import pytest
 import torch
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_caches(tmp_path_factory):
+    """Cost models and cached prism checkpoints go to temporary directories, never into the
+    repository's profiles/ or the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EDGE_PRISM_PROFILES", str(tmp_path_factory.mktemp("profiles")))
+    mp.setenv("EDGE_PRISM_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
 # -- tiny tokenizer ------------------------------------------------------------------------
 # Ids 0-255 are the bytes (id == byte value), then the specials, then a few merges.
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

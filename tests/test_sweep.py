@@ -13,8 +13,8 @@ import torch
 from edge_prism.errors import BudgetError
 from edge_prism.runtime.store import BudgetedStore, LayerBlocks
 from edge_prism.runtime.transfer import MemoryTier
-from edge_prism.sweep import (COLUMNS, ExpertLRUStore, SubExpertLRUStore, main, plot, read_csv, run_sweep,
-                              supports_prefetch, write_csv)
+from edge_prism.sweep import (COLUMNS, ExpertLRUStore, SubExpertLRUStore, format_table, main, plot, read_csv,
+                              run_sweep, supports_prefetch, write_csv)
 from edge_prism.synthetic import SyntheticConfig
 
 TINY = dict(model_type="olmoe", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -217,3 +217,15 @@ def test_prism_sweep_measures_real_text_with_quality(tiny_prism, tmp_path):
     assert not any(r.synthetic for r in rows)
     write_csv(rows, tmp_path / "prism.csv")
     assert read_csv(tmp_path / "prism.csv") == rows
+
+
+def test_prism_sweep_has_latency_budget_rows(tiny_prism):
+    rows = run_sweep(tiny_prism, **{**SWEEP, "memory_budgets": ["30%"], "operating_points": [16]})
+    lat = {r.system: r for r in rows if r.latency_budget_ms is not None}
+    assert set(lat) == {"edge-prism+latency x0.7", "edge-prism+latency x3"}
+    base = next(r for r in rows if r.system == "edge-prism+prefetch")
+    for factor, r in ((0.7, lat["edge-prism+latency x0.7"]), (3.0, lat["edge-prism+latency x3"])):
+        assert r.latency_budget_ms == pytest.approx(factor * base.p50_ms)
+        assert 0.0 <= r.within_budget <= 1.0 and r.dropped_per_token >= 0
+        assert r.kl_vs_full >= -1e-6 and 0.0 <= r.same_tokens <= 1.0
+    assert "token-latency budget" in format_table(rows)
