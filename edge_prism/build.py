@@ -13,7 +13,7 @@ import torch
 from edge_prism.errors import CorruptCheckpointError, ShapeMismatchError
 from edge_prism.families import FAMILIES
 from edge_prism.loaders.base import TensorSource
-from edge_prism.model import LayerWeights, Weights
+from edge_prism.model import LayerWeights, Weights, tied_head, transposed
 from edge_prism.spec import ModelSpec
 
 _ATTN = "model.layers.{l}.self_attn.{p}_proj.{kind}"
@@ -124,7 +124,10 @@ def build_weights(spec: ModelSpec, reader: TensorReader) -> Weights:
         return reader.get(name, shapes[name])
 
     embed = get("model.embed_tokens.weight")
-    lm_head = embed if s.tie_word_embeddings else get("lm_head.weight")
+    if s.tie_word_embeddings:
+        embed, lm_head_t = tied_head(embed)
+    else:
+        lm_head_t = transposed(get("lm_head.weight"))
     layers = []
     for layer, f in enumerate(s.ffn):
         qkv = [get(_ATTN.format(l=layer, p=p, kind="weight")) for p in "qkv"]
@@ -134,8 +137,8 @@ def build_weights(spec: ModelSpec, reader: TensorReader) -> Weights:
         lw = LayerWeights(
             attn_norm=get(f"model.layers.{layer}.input_layernorm.weight"),
             ffn_norm=get(f"model.layers.{layer}.post_attention_layernorm.weight"),
-            wqkv=torch.cat(qkv), bqkv=bias,
-            wo=get(_ATTN.format(l=layer, p="o", kind="weight")),
+            wqkv_t=transposed(torch.cat(qkv)), bqkv=bias,
+            wo_t=transposed(get(_ATTN.format(l=layer, p="o", kind="weight"))),
             q_norm=get(f"model.layers.{layer}.self_attn.q_norm.weight") if s.qk_norm != "none" else None,
             k_norm=get(f"model.layers.{layer}.self_attn.k_norm.weight") if s.qk_norm != "none" else None,
             router=get(names.router.format(l=layer)) if f.routed else None,
@@ -147,7 +150,7 @@ def build_weights(spec: ModelSpec, reader: TensorReader) -> Weights:
             lw.shared_gate = get(names.shared_gate.format(l=layer))
         layers.append(lw)
     del D, hd
-    return Weights(embed=embed, norm=get("model.norm.weight"), lm_head=lm_head, layers=layers)
+    return Weights(embed=embed, norm=get("model.norm.weight"), lm_head_t=lm_head_t, layers=layers)
 
 
 def expert_matrices(spec: ModelSpec, reader: TensorReader, layer: int,

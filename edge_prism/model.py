@@ -30,9 +30,9 @@ class LayerWeights:
 
     attn_norm: torch.Tensor  # [D]
     ffn_norm: torch.Tensor  # [D]
-    wqkv: torch.Tensor  # [(H+2Hk)*hd, D]
+    wqkv_t: torch.Tensor  # [D, (H+2Hk)*hd]: stored transposed, see weights_for_decode()
     bqkv: torch.Tensor | None  # [(H+2Hk)*hd]
-    wo: torch.Tensor  # [D, H*hd]
+    wo_t: torch.Tensor  # [H*hd, D]
     q_norm: torch.Tensor | None  # [hd] (head) or [H*hd] (full)
     k_norm: torch.Tensor | None
     router: torch.Tensor | None  # [E, D]
@@ -46,16 +46,16 @@ class LayerWeights:
 class Weights:
     """All always-resident weights (everything but the sub-expert blocks)."""
 
-    embed: torch.Tensor  # [V, D]
+    embed: torch.Tensor  # [V, D] (a view of lm_head_t when tied)
     norm: torch.Tensor  # [D]
-    lm_head: torch.Tensor  # [V, D] (the embedding itself when tied)
+    lm_head_t: torch.Tensor  # [D, V]
     layers: list[LayerWeights]
 
     def nbytes(self) -> int:
         """Bytes held, counting a tied lm_head once."""
         seen: set[int] = set()
         total = 0
-        tensors = [self.embed, self.norm, self.lm_head]
+        tensors = [self.embed, self.norm, self.lm_head_t]
         for lw in self.layers:
             tensors += [t for t in vars(lw).values() if isinstance(t, torch.Tensor)]
         for t in tensors:
@@ -63,6 +63,22 @@ class Weights:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
         return total
+
+
+def transposed(w: torch.Tensor) -> torch.Tensor:
+    """``w`` [out, in] stored as [in, out].
+
+    Decode multiplies one row vector by each weight; with the output dimension contiguous
+    that streams at ~16-21 GB/s on a 2-core AVX-512 CPU against ~11 GB/s for x @ W^T on
+    rows of a few hundred values (measured with torch 2.13 / MKL).
+    """
+    return w.t().contiguous()
+
+
+def tied_head(embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embedding view [V, D], lm_head_t [D, V]) sharing one buffer for tied embeddings."""
+    head_t = transposed(embed)
+    return head_t.t(), head_t
 
 
 class ExpertStore(Protocol):
@@ -238,13 +254,15 @@ class Transformer:
         if not all_logits:
             h = h[-1:]
         h = _rms(h, self.w.norm, self.spec.rms_norm_eps)
-        return F.linear(h, self.w.lm_head).float()  # [T or 1, V]
+        return torch.matmul(h, self.w.lm_head_t).float()  # [T or 1, V]
 
     def _attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, start: int) -> torch.Tensor:
         s = self.spec
         T, H, Hk, hd = x.shape[0], s.num_heads, s.num_kv_heads, s.head_dim
-        qkv = F.linear(x, lw.wqkv, lw.bqkv)  # [T, (H+2Hk)*hd]
+        qkv = torch.matmul(x, lw.wqkv_t)  # [T, (H+2Hk)*hd]
+        if lw.bqkv is not None:
+            qkv = qkv + lw.bqkv
         q, k, v = qkv.split((H * hd, Hk * hd, Hk * hd), dim=-1)
         if s.qk_norm == "full":
             q, k = _rms(q, lw.q_norm, s.rms_norm_eps), _rms(k, lw.k_norm, s.rms_norm_eps)
@@ -260,7 +278,7 @@ class Transformer:
         kc[:, start:end].copy_(k.transpose(0, 1))  # [Hk, L, hd]
         vc[:, start:end].copy_(v.transpose(0, 1))
         out = _attend(q, kc[:, :end], vc[:, :end], start)  # [T, H*hd]
-        return F.linear(out, lw.wo)  # [T, D]
+        return torch.matmul(out, lw.wo_t)  # [T, D]
 
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router weights and experts of each token: topv, topi [T, k]."""

@@ -30,7 +30,7 @@ from edge_prism.build import ResidentStore
 from edge_prism.engine import Engine
 from edge_prism.errors import BudgetError, ConfigError
 from edge_prism.families import build_spec
-from edge_prism.model import LayerWeights, Transformer, Weights
+from edge_prism.model import LayerWeights, Transformer, Weights, tied_head, transposed
 from edge_prism.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -202,15 +202,18 @@ class SyntheticModel:
             return torch.ones(n, dtype=self.dtype, device=dev)
 
         embed = self._randn(gen, s.vocab_size, D)
-        lm_head = embed if s.tie_word_embeddings else self._randn(gen, s.vocab_size, D)
+        if s.tie_word_embeddings:
+            embed, lm_head_t = tied_head(embed)
+        else:
+            lm_head_t = transposed(self._randn(gen, s.vocab_size, D))
         norm_width = {"none": None, "head": (hd, hd), "full": (H * hd, Hk * hd)}[s.qk_norm]
         layers = []
         for f in s.ffn:
             lw = LayerWeights(
                 attn_norm=ones(D), ffn_norm=ones(D),
-                wqkv=self._randn(gen, (H + 2 * Hk) * hd, D),
+                wqkv_t=transposed(self._randn(gen, (H + 2 * Hk) * hd, D)),
                 bqkv=self._randn(gen, (H + 2 * Hk) * hd) if s.attention_bias else None,
-                wo=self._randn(gen, D, H * hd),
+                wo_t=transposed(self._randn(gen, D, H * hd)),
                 q_norm=ones(norm_width[0]) if norm_width else None,
                 k_norm=ones(norm_width[1]) if norm_width else None,
                 router=self._randn(gen, f.num_experts, D) if f.routed else None)
@@ -219,7 +222,7 @@ class SyntheticModel:
                 lw.shared_down = self._randn(gen, D, f.shared_width)
                 lw.shared_gate = self._randn(gen, 1, D)
             layers.append(lw)
-        return Weights(embed=embed, norm=ones(D), lm_head=lm_head, layers=layers)
+        return Weights(embed=embed, norm=ones(D), lm_head_t=lm_head_t, layers=layers)
 
     def _bias(self, f) -> torch.Tensor | None:
         if not f.routed or self.cfg.skew == 0:

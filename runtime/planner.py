@@ -145,9 +145,9 @@ def _measure(model, device: torch.device) -> CostModel:
     unit_s = max((tm - t1) / max(many - 1, 1), 1e-7)
     # Per-layer fixed work (attention over a short cache, norms, router) and the head.
     lw = model.w.layers[layer]
-    qkv = lambda: F.linear(F.linear(x, lw.wqkv, lw.bqkv)[:, : lw.wo.shape[1]], lw.wo)  # noqa: E731
+    qkv = lambda: torch.matmul(torch.matmul(x, lw.wqkv_t)[:, : lw.wo_t.shape[0]], lw.wo_t)  # noqa: E731
     fixed = _timed(qkv, 10, device) * 1.5  # attention matmuls, norms and router on top
-    head = _timed(lambda: F.linear(x, model.w.lm_head), 5, device)
+    head = _timed(lambda: torch.matmul(x, model.w.lm_head_t), 5, device)
     return CostModel(device=device_name(device), h2d_bytes_per_s=bw, copy_overhead_s=overhead,
                      unit_s=unit_s, layer_fixed_s=fixed + t1 - unit_s, head_s=head)
 
