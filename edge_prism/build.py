@@ -164,21 +164,34 @@ def expert_matrices(spec: ModelSpec, reader: TensorReader, layer: int,
             reader.get(d, (D, W), device=cpu).t())
 
 
-def pack_layer(spec: ModelSpec, reader: TensorReader, layer: int, *,
-               parts: int = 1, perms: torch.Tensor | None = None) -> torch.Tensor:
-    """A layer's sub-expert blocks [E*S, 3, n, D], unit e*S+s = part s of expert e.
+def pack_expert(wg: torch.Tensor, wu: torch.Tensor, wd_t: torch.Tensor, parts: int,
+                perm: torch.Tensor | None = None) -> torch.Tensor:
+    """One expert's sub-expert blocks [S, 3, n, D] from W_gate, W_up [W, D] and W_down^T [W, D].
 
-    ``perms`` [E, W] reorders each expert's neurons first (part s = neurons
-    perms[e, s*n:(s+1)*n]); the default keeps the checkpoint's order.
+    Block s holds neurons perm[s*n:(s+1)*n] (default: the checkpoint's order): its W_gate
+    rows, its W_up rows, and its W_down columns as a row-major [D, n] matrix stored in the
+    block's last [n, D] slot. Decode computes W_down[:, part] @ act with the output
+    dimension walked row by row, the faster layout on CPU (see model.transposed).
     """
+    W, D = wg.shape
+    n = W // parts
+    mats = torch.stack((wg, wu, wd_t))  # [3, W, D]
+    if perm is not None:
+        mats = mats[:, perm]
+    out = torch.empty(parts, 3, n, D, dtype=mats.dtype)
+    out[:, :2] = mats[:2].view(2, parts, n, D).transpose(0, 1)  # [S, 2, n, D]
+    down = mats[2].view(parts, n, D).transpose(1, 2).contiguous()  # [S, D, n]
+    out[:, 2] = down.view(parts, n, D)  # reinterpreted: the slot holds [D, n] row-major
+    return out
+
+
+def pack_layer(spec: ModelSpec, reader: TensorReader, layer: int, *, parts: int = 1) -> torch.Tensor:
+    """A layer's sub-expert blocks [E*S, 3, n, D], unit e*S+s = part s of expert e."""
     f = spec.ffn[layer]
     n = f.width // parts
     out = torch.empty(f.num_experts * parts, 3, n, spec.hidden_size, dtype=reader.dtype)
     for e in range(f.num_experts):
-        mats = torch.stack(expert_matrices(spec, reader, layer, e))  # [3, W, D]
-        if perms is not None:
-            mats = mats[:, perms[e]]
-        out[e * parts:(e + 1) * parts] = mats.view(3, parts, n, -1).transpose(0, 1)  # [S, 3, n, D]
+        out[e * parts:(e + 1) * parts] = pack_expert(*expert_matrices(spec, reader, layer, e), parts)
     return out
 
 

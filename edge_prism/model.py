@@ -8,8 +8,8 @@ E=experts, k=top-k, S=sub-experts per expert, n=neurons per sub-expert, P=select
 sub-experts (units) in a layer, U=E*S units of a layer, L=cached positions, V=vocab.
 
 A sub-expert block is one contiguous [3, n, D] tensor: rows of W_gate, rows of W_up, and
-the matching columns of W_down stored as rows, so one copy moves it and an expert's
-output is exactly the sum of its sub-experts' outputs.
+the matching columns of W_down as a row-major [D, n] matrix in the last slot, so one copy
+moves it and an expert's output is exactly the sum of its sub-experts' outputs.
 """
 
 from __future__ import annotations
@@ -361,7 +361,8 @@ class Transformer:
         h = torch.matmul(gu, x.t()).transpose(1, 2)  # [P, T, 2n]
         act = F.silu(h[..., :n]) * h[..., n:]  # [P, T, n]
         act = act * wt[:, :, None]  # [P, T, n]
-        out = torch.bmm(act, blocks[:, 2]).sum(dim=0)  # [T, D]
+        down = blocks[:, 2].reshape(P, D, n)  # [P, D, n] (W_down's columns, see build.pack_expert)
+        out = torch.matmul(down, act.transpose(1, 2)).sum(dim=0).t()  # [T, D]
         self.store.done(layer)
         return out
 

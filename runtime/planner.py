@@ -139,7 +139,7 @@ def _measure(model, device: torch.device) -> CostModel:
         n = blocks.shape[2]
         h = torch.matmul(x, blocks[:, :2].reshape(p, 2 * n, -1).transpose(1, 2))
         act = F.silu(h[..., :n]) * h[..., n:]
-        return torch.bmm(act, blocks[:, 2]).sum(0)
+        return torch.matmul(blocks[:, 2].reshape(p, -1, n), act.transpose(1, 2)).sum(0)
 
     t1, tm = _timed(lambda: units(1), 10, device), _timed(lambda: units(many), 10, device)
     unit_s = max((tm - t1) / max(many - 1, 1), 1e-7)

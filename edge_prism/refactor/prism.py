@@ -5,7 +5,7 @@
                           calibration and solver figures, file sizes
     dense.safetensors     every always-resident weight, Hugging Face names
     experts.safetensors   per layer one tensor [E*S, 3, n, D]: each sub-expert one contiguous
-                          block (gate rows, up rows, down columns), stored hottest first;
+                          block (gate rows, up rows, down columns as [D, n]), hottest first;
                           ``layers.L.order`` [E*S] gives the unit id (e*S+s) at each position
     gates.safetensors     per layer: neuron permutation [E, W], sub-expert gates (proxy and
                           linear), activation profile (selection frequency [E*S])
@@ -35,7 +35,7 @@ from edge_prism.loaders.safetensors_mmap import SafetensorsFile, SafetensorsSour
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: W_down columns stored [D, n] in each block
 MANIFEST = "prism.json"
 DENSE, EXPERTS, GATES, QUALITY = "dense.safetensors", "experts.safetensors", "gates.safetensors", "quality.json"
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from edge_prism.build import TensorReader, expected_shapes, expert_matrices, expert_names_shapes
+from edge_prism.build import (TensorReader, expected_shapes, expert_matrices, expert_names_shapes,
+                              pack_expert)
 from edge_prism.errors import ConfigError, ModelNotFoundError, TokenizerError
 from edge_prism.families import build_spec
 from edge_prism.prefetch.predictor import RegressionStats, fit_correction
@@ -285,8 +286,7 @@ def _refactor_layer(spec: ModelSpec, reader: TensorReader, col: _Collector, laye
         relabel[order] = torch.arange(parts)
         groups = relabel[groups]  # part ids, 0 = hottest
         perms[e] = perm
-        mats = torch.stack((wg, wu, wd))[:, perm]  # [3, W, D]
-        blocks[e * parts:(e + 1) * parts] = mats.view(3, parts, n, D).transpose(0, 1)
+        blocks[e * parts:(e + 1) * parts] = pack_expert(wg, wu, wd, parts, perm)
         proxy = gatelib.fit_proxy_gate(acts, wg, wu, groups, parts, neurons_per_group=cfg.gate_neurons)
         linear = gatelib.fit_linear_gate(x, acts, groups, parts)
         proxy_rows.append(proxy.rows)
