@@ -25,6 +25,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
 from edge_prism.errors import CorruptCheckpointError, TokenizerError, UnsupportedModelError
+from edge_prism.loaders.gguf_meta import GgufMeta
 
 if TYPE_CHECKING:
     import gguf
@@ -182,7 +183,7 @@ class Tokenizer:
         BPE (``llama``: Llama 2, Mistral...).
         """
         path = Path(path)
-        meta = _GgufMeta(reader, path)
+        meta = GgufMeta(reader, path)
         kind = meta.get("tokenizer.ggml.model")
         tokens = meta.get("tokenizer.ggml.tokens")
         if kind is None or not tokens:
@@ -290,25 +291,6 @@ class Tokenizer:
 # -- GGUF builders -------------------------------------------------------------------
 
 
-class _GgufMeta:
-    """Read access to a GGUFReader's metadata fields as Python values."""
-
-    def __init__(self, reader: "gguf.GGUFReader", path: Path) -> None:
-        self._fields = reader.fields
-        self._path = path
-
-    def get(self, key: str, default: Any = None) -> Any:
-        field = self._fields.get(key)
-        if field is None:
-            return default
-        try:
-            return field.contents()
-        except (ValueError, IndexError, UnicodeDecodeError) as exc:
-            raise CorruptCheckpointError(
-                f"{self._path}: GGUF metadata {key!r} is damaged ({exc}); re-download or re-convert the file"
-            ) from exc
-
-
 def _bpe(path: Path, **kwargs) -> models.BPE:
     try:
         return models.BPE(**kwargs)
@@ -318,7 +300,7 @@ def _bpe(path: Path, **kwargs) -> models.BPE:
         ) from exc
 
 
-def _byte_level_backend(path: Path, meta: _GgufMeta, tokens: list[str], token_types: list[int]) -> Backend:
+def _byte_level_backend(path: Path, meta: GgufMeta, tokens: list[str], token_types: list[int]) -> Backend:
     """GPT-2-style byte-level BPE from the file's tokens and merges."""
     spelling = _bytes_to_unicode()
     alphabet = frozenset(spelling.values())
@@ -360,7 +342,7 @@ def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
-def _sentencepiece_backend(path: Path, meta: _GgufMeta, tokens: list[str], token_types: list[int]) -> Backend:
+def _sentencepiece_backend(path: Path, meta: GgufMeta, tokens: list[str], token_types: list[int]) -> Backend:
     """SentencePiece-style BPE (byte fallback, '▁' for spaces) from tokens and merges or scores."""
     vocab = {token: index for index, token in enumerate(tokens)}
     merges = meta.get("tokenizer.ggml.merges")

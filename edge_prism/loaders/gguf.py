@@ -23,6 +23,7 @@ from edge_prism.errors import (
     UnsupportedModelError,
 )
 from edge_prism.loaders.base import RawCheckpoint
+from edge_prism.loaders.gguf_meta import GgufMeta
 from edge_prism.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def load_gguf(path: Path) -> RawCheckpoint:
     if not path.is_file():
         raise ModelNotFoundError(f"{path}: no such GGUF file")
     reader = _open_reader(path)
-    meta = _Meta(reader, path)
+    meta = GgufMeta(reader, path)
     arch = meta.require("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
@@ -201,35 +202,10 @@ def _open_reader(path: Path) -> gguf.GGUFReader:
     return reader
 
 
-class _Meta:
-    """Typed access to GGUF metadata, with errors naming the file and the key."""
-
-    def __init__(self, reader, path: Path) -> None:
-        self._fields = reader.fields
-        self._path = path
-
-    def get(self, key: str, default=None):
-        field = self._fields.get(key)
-        if field is None:
-            return default
-        try:
-            return field.contents()
-        except (ValueError, IndexError, UnicodeDecodeError) as exc:
-            raise CorruptCheckpointError(f"{self._path}: metadata {key!r} is damaged ({exc}); re-download it") from exc
-
-    def require(self, key: str):
-        value = self.get(key)
-        if value is None:
-            raise CorruptCheckpointError(
-                f"{self._path}: required GGUF metadata {key!r} is missing; re-convert the model with llama.cpp"
-            )
-        return value
-
-
 # -- config ------------------------------------------------------------------------------
 
 
-def _llama_config(meta: _Meta, by_name: dict, path: Path) -> dict:
+def _llama_config(meta: GgufMeta, by_name: dict, path: Path) -> dict:
     """A Hugging Face LlamaConfig-style dict from ``llama.*`` metadata."""
     hidden = int(meta.require("llama.embedding_length"))
     heads = int(meta.require("llama.attention.head_count"))
@@ -278,7 +254,7 @@ def _llama_config(meta: _Meta, by_name: dict, path: Path) -> dict:
     return config
 
 
-def _per_layer_constant(meta: _Meta, key: str, default: int, path: Path) -> int:
+def _per_layer_constant(meta: GgufMeta, key: str, default: int, path: Path) -> int:
     value = meta.get(key, default)
     if isinstance(value, list):  # some converters write one value per layer
         if len(set(value)) != 1:
@@ -289,7 +265,7 @@ def _per_layer_constant(meta: _Meta, key: str, default: int, path: Path) -> int:
     return int(value)
 
 
-def _rope_scaling(meta: _Meta, by_name: dict, path: Path, *, head_dim: int, theta: float) -> dict | None:
+def _rope_scaling(meta: GgufMeta, by_name: dict, path: Path, *, head_dim: int, theta: float) -> dict | None:
     """HF ``rope_scaling`` for the file's rope scaling metadata (or its llama 3 ``rope_freqs`` tensor)."""
     kind = meta.get("llama.rope.scaling.type")
     factor = meta.get("llama.rope.scaling.factor")
@@ -309,7 +285,7 @@ def _rope_scaling(meta: _Meta, by_name: dict, path: Path, *, head_dim: int, thet
     raise UnsupportedModelError(f"{path}: rope scaling type {kind!r} is not supported (supported: linear, yarn)")
 
 
-def _yarn_scaling(meta: _Meta, path: Path, *, factor: float, original) -> dict:
+def _yarn_scaling(meta: GgufMeta, path: Path, *, factor: float, original) -> dict:
     """HF YaRN parameters; llama.cpp knobs that HF's YaRN has no counterpart for must be at their defaults."""
     # key suffix -> (is this value HF's behaviour?); ext_factor < 0 means "1.0 for YaRN" in llama.cpp.
     neutral = {
