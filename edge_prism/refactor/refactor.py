@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from edge_prism.build import (TensorReader, expected_shapes, expert_matrices, expert_names_shapes,
                               pack_expert)
-from edge_prism.errors import ConfigError, ModelNotFoundError, TokenizerError
+from edge_prism.errors import ConfigError, TokenizerError
 from edge_prism.families import build_spec
 from edge_prism.prefetch.predictor import RegressionStats, fit_correction
 from edge_prism.loaders import open_checkpoint, resolve_model
