@@ -72,9 +72,22 @@ def build_plain(spec: ModelSpec, reader: TensorReader, *, dtype: torch.dtype,
     """A fully resident model from a plain checkpoint (each expert one sub-expert)."""
     check_shapes(spec, reader)
     weights = build_weights(spec, reader)
-    pools = [pack_layer(spec, reader, layer).to(device) for layer in range(spec.num_layers)]
-    return Transformer(spec, weights, ResidentStore(pools), parts=[1] * spec.num_layers,
-                       dtype=dtype, device=device)
+    parts = [plain_parts(f.width) for f in spec.ffn]
+    pools = [pack_layer(spec, reader, layer, parts=p).to(device) for layer, p in enumerate(parts)]
+    return Transformer(spec, weights, ResidentStore(pools), parts=parts, dtype=dtype, device=device)
+
+
+def plain_parts(width: int) -> int:
+    """Blocks per expert for a plain checkpoint (all computed: the split is exact).
+
+    A batch of 16 gemvs of ~100 rows decodes ~15% faster than one tall gemv on a 2-core
+    CPU (measured: 45 vs 53 ms per token on the default model), so experts are cut into
+    up to 16 blocks of at least 64 neurons.
+    """
+    for parts in (16, 8, 4, 2):
+        if width % parts == 0 and width // parts >= 64:
+            return parts
+    return 1
 
 
 def load_with(model: str | Path | None, cfg: RuntimeConfig) -> Engine:
