@@ -64,6 +64,7 @@ class StoreStats:
     prefetch_used: int = 0
     prefetched_unused_bytes: int = 0
     prefetch_cancelled: int = 0
+    prefetch_late: int = 0  # prefetched sub-experts still in flight when needed
     extra: dict = field(default_factory=dict)
 
 
@@ -221,10 +222,15 @@ class BudgetedStore:
                 self.stats.misses += 1
                 self.stats.bytes_to_device += p.pool.slot_nbytes
             else:
-                self.stats.hits += 1
                 pending = self._inflight.pop(key, None)
                 if pending is not None:
-                    tickets.append(pending)
+                    tickets.append(pending)  # landed: returns at once, or raises a failed load
+                if pending is not None and not pending.done():
+                    # Prefetched but still in flight: the compute waits, so not a hit.
+                    self.stats.misses += 1
+                    self.stats.prefetch_late += 1
+                else:
+                    self.stats.hits += 1
                 if key in self._prefetched:
                     self._prefetched.discard(key)
                     self.stats.prefetch_used += 1
@@ -325,6 +331,7 @@ class BudgetedStore:
             "bytes_to_device": s.bytes_to_device,
             "transfer_wait_s": s.transfer_wait_s,
             "prefetched_unused_bytes": s.prefetched_unused_bytes,
+            "prefetch_late": s.prefetch_late,
         }
 
     def resident_bytes(self) -> int:
