@@ -189,8 +189,9 @@ class Planner(Protocol):
         ...
 
     def plan(self, layer: int, x: torch.Tensor, units: torch.Tensor, wt: torch.Tensor,
-             topi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The units [P'] and weights [P', 1] to compute (a subset, never below the floor)."""
+             topi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Units and weights to compute on the device, then on the host CPU (subsets of
+        ``units``, together never below the floor)."""
         ...
 
 
@@ -335,15 +336,21 @@ class Transformer:
                  resid: torch.Tensor) -> torch.Tensor:
         units, wt = self.unit_weights(layer, x, topv, topi)  # [P], [P, T]
         decode = x.shape[0] == 1
+        host = None
         if decode and self.planner is not None:
-            units, wt = self.planner.plan(layer, x, units, wt, topi)  # [P'], [P', 1]
+            units, wt, host_units, host_wt = self.planner.plan(layer, x, units, wt, topi)  # [P'], [P', 1]
+            if host_units.numel():
+                host = host_units, host_wt
         cap = self.store.capacity(layer)
-        if units.shape[0] <= cap:
-            return self._units(layer, x, units, wt, resid if decode else None)
+        out = self._units(layer, x, units[:cap], wt[:cap], resid if decode else None)
         # A prefill under a small memory budget can select more units than fit at once.
-        out = self._units(layer, x, units[:cap], wt[:cap])
         for i in range(cap, units.shape[0], cap):
             out = out + self._units(layer, x, units[i:i + cap], wt[i:i + cap])
+        if host is not None:
+            # Computed on the host CPU from host memory instead of waiting for their copy.
+            blocks = self.store.host_blocks(layer, host[0].tolist())  # [Ph, 3, n, D] (CPU)
+            hx = x.to("cpu", torch.float32)
+            out = out + block_ffn(hx, blocks.float(), host[1].cpu().float()).to(x.device, x.dtype)
         return out
 
     def _units(self, layer: int, x: torch.Tensor, units: torch.Tensor, wt: torch.Tensor,
@@ -355,16 +362,21 @@ class Transformer:
         blocks = _gather(self.store.pool(layer), slots)  # [P, 3, n, D]
         if blocks.dtype != x.dtype:
             blocks = blocks.to(x.dtype)  # pool kept in the checkpoint's dtype
-        P, _, n, D = blocks.shape
-        gu = blocks[:, :2].reshape(P, 2 * n, D)  # [P, 2n, D]
-        # W x^T walks each weight row contiguously: ~20% faster than x W^T for decode.
-        h = torch.matmul(gu, x.t()).transpose(1, 2)  # [P, T, 2n]
-        act = F.silu(h[..., :n]) * h[..., n:]  # [P, T, n]
-        act = act * wt[:, :, None]  # [P, T, n]
-        down = blocks[:, 2].reshape(P, D, n)  # [P, D, n] (W_down's columns, see build.pack_expert)
-        out = torch.matmul(down, act.transpose(1, 2)).sum(dim=0).t()  # [T, D]
+        out = block_ffn(x, blocks, wt)  # [T, D]
         self.store.done(layer)
         return out
+
+
+def block_ffn(x: torch.Tensor, blocks: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of sub-expert FFNs: x [T, D], blocks [P, 3, n, D], weights [P, T] -> [T, D]."""
+    P, _, n, D = blocks.shape
+    gu = blocks[:, :2].reshape(P, 2 * n, D)  # [P, 2n, D]
+    # W x^T walks each weight row contiguously: ~20% faster than x W^T for decode.
+    h = torch.matmul(gu, x.t()).transpose(1, 2)  # [P, T, 2n]
+    act = F.silu(h[..., :n]) * h[..., n:]  # [P, T, n]
+    act = act * wt[:, :, None]  # [P, T, n]
+    down = blocks[:, 2].reshape(P, D, n)  # [P, D, n] (W_down's columns, see build.pack_expert)
+    return torch.matmul(down, act.transpose(1, 2)).sum(dim=0).t()  # [T, D]
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from edge_prism.model import block_ffn
+
 from .device import gpu_info, measure_h2d_bandwidth, synchronize
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ class CostModel:
     layer_fixed_s: float  # attention, norms, router: per layer per decode token
     head_s: float  # final norm and lm_head per token
     workers: int = 2
+    # CUDA: time to compute one sub-expert on the host CPU from host memory (None: never)
+    host_unit_s: float | None = None
 
     def load_s(self, nbytes: int, count: int) -> float:
         """Time until ``count`` loads of ``nbytes`` each have arrived (queued on workers)."""
@@ -148,8 +152,13 @@ def _measure(model, device: torch.device) -> CostModel:
     qkv = lambda: torch.matmul(torch.matmul(x, lw.wqkv_t)[:, : lw.wo_t.shape[0]], lw.wo_t)  # noqa: E731
     fixed = _timed(qkv, 10, device) * 1.5  # attention matmuls, norms and router on top
     head = _timed(lambda: torch.matmul(x, model.w.lm_head_t), 5, device)
+    host_unit_s = None
+    if device.type == "cuda":
+        # The same block math on the host CPU, from a host copy of one block.
+        hb, hx = pool[:1].float().cpu(), x.float().cpu()
+        host_unit_s = _timed(lambda: block_ffn(hx, hb, torch.ones(1, 1)), 10, torch.device("cpu"))
     return CostModel(device=device_name(device), h2d_bytes_per_s=bw, copy_overhead_s=overhead,
-                     unit_s=unit_s, layer_fixed_s=fixed + t1 - unit_s, head_s=head)
+                     unit_s=unit_s, layer_fixed_s=fixed + t1 - unit_s, head_s=head, host_unit_s=host_unit_s)
 
 
 class LatencyPlanner:
@@ -160,11 +169,13 @@ class LatencyPlanner:
         self.L = model.spec.num_layers
         self._t0 = time.perf_counter()
         self.dropped = 0
+        self.host_computed = 0
         self.tokens = 0
 
     def reset_stats(self) -> None:
         """Zero the drop counters."""
         self.dropped = 0
+        self.host_computed = 0
         self.tokens = 0
 
     def start_token(self) -> None:
@@ -193,27 +204,43 @@ class LatencyPlanner:
         return wt[:, 0].float().cpu() * (1.0 - rank / (2 * S))
 
     def plan(self, layer: int, x: torch.Tensor, units: torch.Tensor, wt: torch.Tensor,
-             topi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The subset of ``units`` to compute within this layer's share of the budget."""
+             topi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Which of ``units`` to compute within this layer's share of the budget.
+
+        Returns (device units, their weights, host units, their weights): a missing
+        sub-expert is computed on the host CPU from host memory instead of waiting for its
+        copy when the cost model says that is faster (CUDA); the rest that do not fit are
+        dropped, lowest priority first, never the top one.
+        """
+        empty = units[:0], wt[:0]
         P = units.shape[0]
         share = self._share(layer)
         c = self.cost
         nbytes = self.store.block_nbytes(layer)
         ready = [self.store.ready(layer, int(u)) for u in units.tolist()]
         if c.load_s(nbytes, ready.count(False)) + P * c.unit_s <= share:
-            return units, wt
+            return units, wt, *empty
+        host_ok = c.host_unit_s is not None and hasattr(self.store, "host_blocks")
         order = torch.argsort(self.priorities(layer, x, units, wt, topi), descending=True, stable=True)
-        keep, missing = [], 0
+        keep, host, missing, host_s = [], [], 0, 0.0
         for rank, i in enumerate(order.tolist()):
             with_it = missing + (0 if ready[i] else 1)
-            # A resident sub-expert costs only compute, so it can stay while a missing one of
-            # higher priority is dropped; the floor (rank 0) is always computed.
-            if rank == 0 or c.load_s(nbytes, with_it) + (len(keep) + 1) * c.unit_s <= share:
+            # Host and device work run side by side: the layer takes the longer of the two.
+            on_device = max(c.load_s(nbytes, with_it) + (len(keep) + 1) * c.unit_s, host_s)
+            on_host = (max(c.load_s(nbytes, missing) + len(keep) * c.unit_s, host_s + c.host_unit_s)
+                       if host_ok and not ready[i] else float("inf"))
+            if min(on_device, on_host) > share and rank > 0:  # the floor is always computed
+                continue
+            if on_host < on_device:
+                host.append(i)
+                host_s += c.host_unit_s
+            else:
                 keep.append(i)
                 missing = with_it
-        self.dropped += P - len(keep)
-        idx = torch.tensor(sorted(keep))
-        return units[idx], wt[idx]
+        self.dropped += P - len(keep) - len(host)
+        self.host_computed += len(host)
+        dev, hst = torch.tensor(sorted(keep), dtype=torch.long), torch.tensor(sorted(host), dtype=torch.long)
+        return units[dev], wt[dev], units[hst], wt[hst]
 
     def report(self, latencies_s: list[float]) -> dict:
         """Drop counters and the share of decode tokens within the budget."""
@@ -223,7 +250,5 @@ class LatencyPlanner:
             "dropped_subexperts": self.dropped,
             "dropped_subexperts_per_token": self.dropped / self.tokens if self.tokens else 0.0,
             "tokens_within_budget": within / len(latencies_s) if latencies_s else None,
-            # Computing missing sub-experts on the host CPU instead of waiting for their
-            # copy is a CUDA-device option not implemented yet: always 0.
-            "cpu_computed_subexperts": 0,
+            "cpu_computed_subexperts": self.host_computed,
         }

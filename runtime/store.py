@@ -307,6 +307,16 @@ class BudgetedStore:
         t = self._inflight.get(key)
         return t is None or t.done()
 
+    def host_blocks(self, layer: int, units: Sequence[int]) -> torch.Tensor:
+        """Blocks of ``units`` read from the host tier into host memory [P, 3, n, D], without
+        touching slots or residency (for computing them on the host CPU)."""
+        p, S = self._layer_pool[layer], self.layers[layer].parts
+        tier = p.transfer.tier
+        out = torch.empty((len(units), *p.pool.block_shape), dtype=p.pool.dtype)
+        for i, u in enumerate(units):
+            tier.read_into(p.index[SubExpertId(layer, u // S, u % S)], out[i])
+        return out
+
     def block_nbytes(self, layer: int) -> int:
         """Bytes of one sub-expert block of ``layer``."""
         return self._layer_pool[layer].pool.slot_nbytes

@@ -140,14 +140,14 @@ def _selection():
 
 def test_planner_keeps_everything_within_budget():
     units, wt, topi = _selection()
-    kept, kw = _fake_planner(1.0).plan(0, torch.zeros(1, 8), units, wt, topi)
+    kept, kw, _, _ = _fake_planner(1.0).plan(0, torch.zeros(1, 8), units, wt, topi)
     assert kept.tolist() == units.tolist() and torch.equal(kw, wt)
 
 
 def test_planner_drops_lowest_priority_first():
     units, wt, topi = _selection()
     planner = _fake_planner(0.0035)  # 3 units of compute fit
-    kept, kw = planner.plan(0, torch.zeros(1, 8), units, wt, topi)
+    kept, kw, _, _ = planner.plan(0, torch.zeros(1, 8), units, wt, topi)
     # Expert 2 (higher router weight) keeps its hottest parts first: 8, 9, 10.
     assert kept.tolist() == [8, 9, 10] and planner.dropped == 5
     assert torch.equal(kw, torch.tensor([[.7]] * 3))
@@ -156,14 +156,14 @@ def test_planner_drops_lowest_priority_first():
 def test_planner_uses_gate_scores_within_an_expert():
     units, wt, topi = _selection()
     scores = torch.tensor([[[0., 0., 0., 9.], [5., 0., 0., 0.]]])  # expert 2: part 3 best
-    kept, _ = _fake_planner(0.0025, scores=scores).plan(0, torch.zeros(1, 8), units, wt, topi)
+    kept, _, _, _ = _fake_planner(0.0025, scores=scores).plan(0, torch.zeros(1, 8), units, wt, topi)
     assert kept.tolist() == [8, 11]
 
 
 def test_planner_never_drops_the_floor():
     units, wt, topi = _selection()
     planner = _fake_planner(0.0)  # nothing fits
-    kept, _ = planner.plan(0, torch.zeros(1, 8), units, wt, topi)
+    kept, _, _, _ = planner.plan(0, torch.zeros(1, 8), units, wt, topi)
     assert kept.tolist() == [8]  # top part of the top expert
 
 
@@ -171,7 +171,7 @@ def test_planner_prefers_resident_units_over_missing_ones():
     units, wt, topi = _selection()
     ready = {u: True for u in units.tolist()}
     ready[9] = False  # loading it costs 2 ms more
-    kept, _ = _fake_planner(0.0035, ready=ready, nbytes=2000).plan(0, torch.zeros(1, 8), units, wt, topi)
+    kept, _, _, _ = _fake_planner(0.0035, ready=ready, nbytes=2000).plan(0, torch.zeros(1, 8), units, wt, topi)
     assert 9 not in kept.tolist() and kept.tolist() == [8, 10, 11]
 
 
@@ -203,3 +203,15 @@ def test_cost_model_is_cached_per_device(olmoe, tmp_path, monkeypatch):
     mtime = files[0].stat().st_mtime_ns
     edge_prism.load(olmoe, token_latency_ms=50)
     assert files[0].stat().st_mtime_ns == mtime  # reused, not re-measured
+
+
+def test_missing_sub_experts_run_on_the_host_when_that_is_faster(olmoe, min_budget):
+    """Force the CUDA choice on this CPU with a cost model where copies are slow and host
+    compute is fast: nothing is dropped, the output stays exact, and the count is reported."""
+    ref = edge_prism.load(olmoe)
+    engine = edge_prism.load(olmoe, memory_budget=min_budget(olmoe), prefetch=False, token_latency_ms=10_000)
+    engine.model.planner.cost = CostModel(device="forced", h2d_bytes_per_s=1e3, copy_overhead_s=0.0,
+                                          unit_s=1e-9, layer_fixed_s=0.0, head_s=0.0, host_unit_s=1e-9)
+    assert engine.generate_ids(PROMPT, max_new_tokens=8) == ref.generate_ids(PROMPT, max_new_tokens=8)
+    s = engine.stats
+    assert s["cpu_computed_subexperts"] > 0 and s["dropped_subexperts"] == 0
