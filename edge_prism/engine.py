@@ -169,6 +169,8 @@ class Engine:
             if a != b:
                 break
             keep += 1
+        # An interrupted forward (Ctrl-C) may have left fewer positions cached than ids known.
+        keep = min(keep, self.model.cache.length)
         self.model.reset(keep)
         self._cached = self._cached[:keep]
         stats = self._last = GenerationStats(prompt_tokens=len(ids), reused_prompt_tokens=keep)
@@ -191,9 +193,9 @@ class Engine:
             yield tok
             if step == budget - 1:
                 break
-            self._cached.append(tok)
             t0 = time.perf_counter()
             logits = self.model.forward(torch.tensor([tok]))
+            self._cached.append(tok)  # only once its keys and values are in the cache
             now = time.perf_counter()
             stats.token_latencies_s.append(now - t0)
             stats.decode_s += now - t0

@@ -201,3 +201,32 @@ def test_checkpoint_without_tokenizer_gives_logits_but_not_text(tiny_checkpoint,
         bare.generate(PROMPT, max_new_tokens=2)
     with pytest.raises(TokenizerError):
         bare.chat(CHAT, max_new_tokens=2)
+
+
+def test_interrupted_decode_does_not_corrupt_the_next_turn(tiny_engines):
+    """Ctrl-C inside a decode step, then a turn that continues the same tokens: every cached
+    key must sit at the same position as in a generation from scratch."""
+    engine = tiny_engines("llama")
+    prompt = list(range(40, 60))
+    engine.reset()
+    follow = prompt + engine.generate_ids(prompt, max_new_tokens=2, temperature=0) + [5]
+    engine.reset()
+    engine.generate_ids(follow, max_new_tokens=1, temperature=0)
+    want = engine.model.cache.k[0][:, :len(follow)].clone()
+    engine.reset()
+    real_forward, calls = engine.model.forward, {"n": 0}
+
+    def flaky(ids, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # prefill, decode of the 1st token, then the 2nd decode is interrupted
+            raise KeyboardInterrupt
+        return real_forward(ids, **kw)
+
+    engine.model.forward = flaky
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            engine.generate_ids(prompt, max_new_tokens=10, temperature=0)
+    finally:
+        engine.model.forward = real_forward
+    engine.generate_ids(follow, max_new_tokens=1, temperature=0)
+    torch.testing.assert_close(engine.model.cache.k[0][:, :len(follow)], want, rtol=1e-5, atol=1e-6)
