@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from edge_prism.build import (ResidentStore, TensorReader, build_weights, check_shapes, pack_layer)
+from edge_prism.build import (ResidentStore, TensorReader, WholeBudgetStore, build_weights, check_shapes,
+                              pack_layer)
 from edge_prism.engine import Engine
 from edge_prism.errors import BudgetError, ConfigError
 from edge_prism.families import build_spec
@@ -142,7 +143,7 @@ def _build_prism(path: Path, cfg: RuntimeConfig, *, dtype: torch.dtype, device: 
     if cfg.memory_budget is None:
         store = _resident_store(pc, spec, dtype=dtype, device=device)
     else:
-        store = _budgeted_store(pc, spec, k, cfg, device=device)
+        store = _budgeted_store(pc, spec, k, cfg, dtype=dtype, device=device)
     weights = build_weights(spec, reader)
     model = Transformer(spec, weights, store, parts=parts, dtype=dtype, device=device)
     if k != full or cfg.token_latency_ms is not None:
@@ -155,7 +156,7 @@ def _build_prism(path: Path, cfg: RuntimeConfig, *, dtype: torch.dtype, device: 
             model.gates = [_layer_gate(pc, layer, kind, dtype, device) for layer in range(spec.num_layers)]
     if k != full:  # full K needs no gate: the exact path stays untouched
         model.selector = SubExpertSelector(spec, parts, model.gates, k)
-    if cfg.prefetch and cfg.memory_budget is not None:
+    if cfg.prefetch and hasattr(store, "prefetch"):  # only a store that streams can prefetch
         model.prefetcher = _prefetcher(pc, model)
     if cfg.token_latency_ms is not None:
         model.planner = _planner(model, cfg, device=device, dtype=dtype)
@@ -163,14 +164,16 @@ def _build_prism(path: Path, cfg: RuntimeConfig, *, dtype: torch.dtype, device: 
     return model, Tokenizer.from_hf_dir(path)
 
 
-def _resident_store(pc, spec: ModelSpec, *, dtype: torch.dtype, device: torch.device) -> ResidentStore:
+def _resident_store(pc, spec: ModelSpec, *, dtype: torch.dtype, device: torch.device,
+                    budget_bytes: int | None = None) -> ResidentStore:
+    """Every sub-expert resident, in unit order (``budget_bytes``: a budget that holds all)."""
     pools = []
     for layer in range(spec.num_layers):
         blocks = pc.blocks(layer)  # [U, 3, n, D] storage order (mmap)
         pool = torch.empty(blocks.shape, dtype=dtype, device=device)
         pool[pc.order(layer).to(device)] = blocks.to(device=device, dtype=dtype)
         pools.append(pool)
-    return ResidentStore(pools)
+    return ResidentStore(pools) if budget_bytes is None else WholeBudgetStore(pools, budget_bytes=budget_bytes)
 
 
 def layer_blocks(pc, spec: ModelSpec, k: int) -> list:
@@ -206,13 +209,18 @@ def resolve_budget(budget: str | int, layers: list, *, device: torch.device, res
     return min(total, parse_size(budget, total=total, what="memory budget"))
 
 
-def _budgeted_store(pc, spec: ModelSpec, k: int, cfg: RuntimeConfig, *, device: torch.device):
+def _budgeted_store(pc, spec: ModelSpec, k: int, cfg: RuntimeConfig, *, dtype: torch.dtype,
+                    device: torch.device):
     from edge_prism.runtime.sizes import format_size
-    from edge_prism.runtime.store import BudgetedStore, minimum_budget, prism_tiers
+    from edge_prism.runtime.store import BudgetedStore, _block_bytes, minimum_budget, prism_tiers
 
     layers = layer_blocks(pc, spec, k)
     nbytes = resolve_budget(cfg.memory_budget, layers, device=device,
                             resident_bytes=(pc.path / "dense.safetensors").stat().st_size)
+    total = sum(lb.units * _block_bytes(lb) for lb in layers)
+    if nbytes >= total:
+        # Everything fits: no streaming, and blocks stay in unit order (no gather copies).
+        return _resident_store(pc, spec, dtype=dtype, device=device, budget_bytes=nbytes)
     m = minimum_budget(layers)
     if nbytes < m:
         raise BudgetError(f"memory budget '{cfg.memory_budget}' is {format_size(nbytes)}, below what one "

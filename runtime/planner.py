@@ -168,6 +168,8 @@ class LatencyPlanner:
         self.model, self.store, self.cost, self.budget_s = model, store, cost, budget_s
         self.L = model.spec.num_layers
         self._t0 = time.perf_counter()
+        self._mark: tuple[float, float] | None = None  # (time, predicted seconds to the next plan)
+        self.scale = 1.0  # observed / predicted time, learned while decoding (kept across tokens)
         self.dropped = 0
         self.host_computed = 0
         self.tokens = 0
@@ -181,11 +183,21 @@ class LatencyPlanner:
     def start_token(self) -> None:
         """A decode token begins now."""
         self._t0 = time.perf_counter()
+        self._mark = (self._t0, self.cost.layer_fixed_s)  # embedding and layer 0's attention
         self.tokens += 1
 
-    def _share(self, layer: int) -> float:
+    def _observe(self, now: float) -> None:
+        # Closed loop: the start-up cost model misses loads, gathers and contention, so the
+        # time since the last decision is compared with what it predicted and the ratio
+        # (smoothed, clamped) scales every later estimate.
+        if self._mark is not None and self._mark[1] > 0:
+            ratio = (now - self._mark[0]) / self._mark[1]
+            self.scale = 0.8 * self.scale + 0.2 * min(max(ratio, 0.25), 8.0)
+
+    def _share(self, layer: int, now: float) -> float:
+        """This layer's FFN time budget, in the cost model's (unscaled) seconds."""
         c = self.cost
-        left = self.budget_s - (time.perf_counter() - self._t0) - c.head_s
+        left = self.budget_s / self.scale - (now - self._t0) / self.scale - c.head_s
         layers_left = self.L - layer
         return (left - (layers_left - 1) * c.layer_fixed_s) / layers_left
 
@@ -214,11 +226,15 @@ class LatencyPlanner:
         """
         empty = units[:0], wt[:0]
         P = units.shape[0]
-        share = self._share(layer)
+        now = time.perf_counter()
+        self._observe(now)
+        share = self._share(layer, now)
         c = self.cost
         nbytes = self.store.block_nbytes(layer)
         ready = [self.store.ready(layer, int(u)) for u in units.tolist()]
-        if c.load_s(nbytes, ready.count(False)) + P * c.unit_s <= share:
+        everything = c.load_s(nbytes, ready.count(False)) + P * c.unit_s
+        if everything <= share:
+            self._mark = (now, everything + c.layer_fixed_s)
             return units, wt, *empty
         host_ok = c.host_unit_s is not None and hasattr(self.store, "host_blocks")
         order = torch.argsort(self.priorities(layer, x, units, wt, topi), descending=True, stable=True)
@@ -239,6 +255,8 @@ class LatencyPlanner:
                 missing = with_it
         self.dropped += P - len(keep) - len(host)
         self.host_computed += len(host)
+        planned = max(c.load_s(nbytes, missing) + len(keep) * c.unit_s, host_s)
+        self._mark = (now, planned + c.layer_fixed_s)  # this FFN and the next layer's attention
         dev, hst = torch.tensor(sorted(keep), dtype=torch.long), torch.tensor(sorted(host), dtype=torch.long)
         return units[dev], wt[dev], units[hst], wt[hst]
 

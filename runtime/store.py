@@ -177,7 +177,9 @@ class BudgetedStore:
         # the hottest sub-experts fill the rest for good.
         dynamic = min(num_slots, max(2 * min_slots, num_slots // 4)) if self.pin_hot else num_slots
         hottest = [h[3] for h in sorted(heat)]
-        pinned = hottest[: num_slots - dynamic]
+        # Slots in (layer, expert, part) order, so a layer whose selection is all pinned
+        # gathers one contiguous run (a view, no copy).
+        pinned = sorted(hottest[: num_slots - dynamic])
         pool = SlotPool(num_slots, lb0.block_shape, lb0.dtype, self.device)
         tier = tiers(group, offsets, nbytes)
         transfer = Transferer(pool, tier, self.device, workers=workers)
