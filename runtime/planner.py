@@ -192,7 +192,7 @@ class LatencyPlanner:
         # (smoothed, clamped) scales every later estimate.
         if self._mark is not None and self._mark[1] > 0:
             ratio = (now - self._mark[0]) / self._mark[1]
-            self.scale = 0.8 * self.scale + 0.2 * min(max(ratio, 0.25), 8.0)
+            self.scale = 0.7 * self.scale + 0.3 * min(max(ratio, 0.1), 100.0)
 
     def _share(self, layer: int, now: float) -> float:
         """This layer's FFN time budget, in the cost model's (unscaled) seconds."""
