@@ -12,7 +12,7 @@ of the slots are a cachetools-managed region (LRU or LFU).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Collection, Sequence
 
 import torch
@@ -50,6 +50,7 @@ class _Pool:
     transfer: Transferer
     index: dict[SubExpertId, int]  # key -> block index in this pool's host tier
     min_slots: int
+    hottest: list[SubExpertId]  # every key of the pool, hottest first (warm-up order)
 
 
 @dataclass
@@ -65,7 +66,6 @@ class StoreStats:
     prefetched_unused_bytes: int = 0
     prefetch_cancelled: int = 0
     prefetch_late: int = 0  # prefetched sub-experts still in flight when needed
-    extra: dict = field(default_factory=dict)
 
 
 def plan_slots(layers: Sequence[LayerBlocks], budget_bytes: int) -> dict[tuple, int]:
@@ -186,15 +186,13 @@ class BudgetedStore:
         pol = ResidencyPolicy(num_slots, policy=policy, pinned=pinned)
         logger.info("slot pool %s x %d: %d pinned, %d dynamic (%s)", lb0.block_shape, num_slots,
                     len(pinned), num_slots - len(pinned), format_size(num_slots * nbytes))
-        p = _Pool(pool, pol, transfer, index, min_slots)
-        p.hottest = hottest  # type: ignore[attr-defined]
-        return p
+        return _Pool(pool, pol, transfer, index, min_slots, hottest)
 
     def _warm(self) -> None:
         """Fill every slot with the hottest sub-experts (pinned first, then the dynamic region)."""
         for p in self._pools.values():
             tickets = [p.transfer.submit(p.index[key], slot) for key, slot in p.policy.pinned.items()]
-            for key in p.hottest[len(tickets):]:  # type: ignore[attr-defined]
+            for key in p.hottest[len(tickets):]:
                 if p.policy.free_slots() == 0:
                     break
                 slot, _ = p.policy.admit(key)
@@ -344,6 +342,7 @@ class BudgetedStore:
             "transfer_wait_s": s.transfer_wait_s,
             "prefetched_unused_bytes": s.prefetched_unused_bytes,
             "prefetch_late": s.prefetch_late,
+            "prefetch_used": s.prefetch_used,
         }
 
     def resident_bytes(self) -> int:
