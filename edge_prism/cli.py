@@ -85,7 +85,7 @@ def runtime_config(args: argparse.Namespace, **override):
     return RuntimeConfig(**fields)
 
 
-def load_engine(args: argparse.Namespace, *, prism_default: bool = True):
+def load_engine(args: argparse.Namespace):
     """An Engine for the model and runtime options in ``args``.
 
     The default model runs from its prism checkpoint, built into the user cache on first use.
@@ -93,7 +93,7 @@ def load_engine(args: argparse.Namespace, *, prism_default: bool = True):
     from edge_prism.api import default_prism, load_with
 
     model = args.model
-    if prism_default and model in (None, "default"):
+    if model in (None, "default"):
         model = default_prism(progress=True)
     return load_with(model, runtime_config(args))
 

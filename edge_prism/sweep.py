@@ -287,6 +287,8 @@ class _Measured:
     p50_ms: float | None
     p99_ms: float | None
     tokens: int
+    within_budget: float | None = None  # token-latency budget runs only
+    dropped_per_token: float | None = None
 
 
 def measure(engine, prompts: Sequence[Sequence[int]], warm: Sequence[int], new_tokens: int) -> _Measured:
@@ -299,6 +301,7 @@ def measure(engine, prompts: Sequence[Sequence[int]], warm: Sequence[int], new_t
     """
     engine.generate_ids(list(warm), max_new_tokens=4, temperature=0)
     ttft, dec_s, dec_n, tokens, hits, asked, moved, p50, p99 = [], 0.0, 0, 0, 0, 0, 0, [], []
+    within, dropped = [], []
     for ids in prompts:
         engine.reset()
         first = engine.generate_ids(list(ids), max_new_tokens=1, temperature=0)
@@ -319,6 +322,9 @@ def measure(engine, prompts: Sequence[Sequence[int]], warm: Sequence[int], new_t
         if "token_latency_p50_ms" in st:
             p50.append(st["token_latency_p50_ms"])
             p99.append(st["token_latency_p99_ms"])
+        if st.get("tokens_within_budget") is not None:
+            within.append(st["tokens_within_budget"])
+            dropped.append(st["dropped_subexperts_per_token"])
     engine.reset()
     resident = "hits" not in engine.stats
     return _Measured(
@@ -328,7 +334,9 @@ def measure(engine, prompts: Sequence[Sequence[int]], warm: Sequence[int], new_t
         bytes_per_token=0.0 if resident else (moved / tokens if tokens else None),
         p50_ms=statistics.median(p50) if p50 else None,
         p99_ms=max(p99) if p99 else None,
-        tokens=tokens)
+        tokens=tokens,
+        within_budget=statistics.mean(within) if within else None,
+        dropped_per_token=statistics.mean(dropped) if dropped else None)
 
 
 def _close_store(store) -> None:
@@ -504,7 +512,6 @@ def _latency_rows(subject, cfg: SweepConfig, rows: list[SweepRow], prompts, warm
                                   token_latency_ms=budget_ms)
             try:
                 m = measure(engine, prompts, warm, cfg.new_tokens)
-                st = _latency_stats(engine, prompts, cfg.new_tokens)
                 kl, same = lockstep_quality(engine, reference, prompts[0], cfg.new_tokens)
             finally:
                 _release(engine)
@@ -512,23 +519,11 @@ def _latency_rows(subject, cfg: SweepConfig, rows: list[SweepRow], prompts, warm
                 f"edge-prism+latency x{factor:g}", base.memory_budget, base.operating_point, m.tokens_per_s,
                 m.ttft_s, m.hit_rate, m.bytes_per_token, m.p50_ms, m.p99_ms,
                 subject.perplexity(base.operating_point), budget_bytes=base.budget_bytes, tokens=m.tokens,
-                latency_budget_ms=budget_ms, within_budget=st[0], dropped_per_token=st[1], kl_vs_full=kl,
+                latency_budget_ms=budget_ms, within_budget=m.within_budget, dropped_per_token=m.dropped_per_token,
+                kl_vs_full=kl,
                 same_tokens=same, note=f"token-latency budget {factor:g} x unconstrained p50", **common))
         _release(reference)
     return out
-
-
-def _latency_stats(engine, prompts, new_tokens: int) -> tuple[float | None, float | None]:
-    within, dropped, n = 0.0, 0.0, 0
-    for ids in prompts:
-        engine.generate_ids(list(ids), max_new_tokens=new_tokens, temperature=0)
-        st = engine.stats
-        if st.get("tokens_within_budget") is not None:
-            within += st["tokens_within_budget"]
-            dropped += st["dropped_subexperts_per_token"]
-            n += 1
-    engine.reset()
-    return (within / n, dropped / n) if n else (None, None)
 
 
 def _bound_rows(subject, rows: list[SweepRow], common) -> list[SweepRow]:
