@@ -1,4 +1,4 @@
-"""The ``edge-prism`` command: chat, info (and the refactor / eval / sweep tools)."""
+"""The ``edge-prism`` command: chat, info (and the refactor / eval / sweep / export tools)."""
 
 from __future__ import annotations
 
@@ -316,6 +316,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     from edge_prism.sweep import add_sweep_parser
 
     handlers["sweep"] = add_sweep_parser(sub)
+
+    from edge_prism.export import add_export_parser
+
+    handlers["export"] = add_export_parser(sub)
 
     info = sub.add_parser("info", help="versions, devices, memory, default model",
                           description="Show torch/CUDA versions, GPUs, host memory and the default model.")
