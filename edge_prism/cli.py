@@ -321,6 +321,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
 
     handlers["export"] = add_export_parser(sub)
 
+    from edge_prism.serve import add_serve_parser
+
+    handlers["serve"] = add_serve_parser(sub)
+
     info = sub.add_parser("info", help="versions, devices, memory, default model",
                           description="Show torch/CUDA versions, GPUs, host memory and the default model.")
     handlers["info"] = cmd_info
