@@ -199,7 +199,7 @@ def parse_request(body: Any, kind: str, cfg: ServeConfig, *, max_context: int) -
         raise _invalid("token_latency_ms", f"invalid token_latency_ms {latency}: use a positive number")
     return GenerationRequest(
         kind=kind, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        seed=_field(body, "seed", int, "an integer"), stop=_stop(body), stream=stream,
+        seed=_seed(body), stop=_stop(body), stream=stream,
         include_usage=include_usage, operating_point=point,
         token_latency_ms=None if latency is None else float(latency), **fields)
 
@@ -261,6 +261,13 @@ def _prompt(body: dict) -> str:
     if not prompt:
         raise _invalid("prompt", "'prompt' is empty: send the text to continue")
     return prompt
+
+
+def _seed(body: dict) -> int | None:
+    seed = _field(body, "seed", int, "an integer")
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise _invalid("seed", f"invalid seed {seed}: use a whole number from 0 to 2**64-1")
+    return seed
 
 
 def _stop(body: dict) -> tuple[str, ...]:
@@ -342,6 +349,13 @@ class Job:
     async def next(self) -> Event:
         """The next event from the worker."""
         return await self._events.get()
+
+    def ready(self) -> list[Event]:
+        """The events already waiting, without waiting for more."""
+        out = []
+        while not self._events.empty():
+            out.append(self._events.get_nowait())
+        return out
 
     def cancel(self) -> None:
         """Stop this job: dropped from the queue if still waiting, stopped at the next token if running."""
@@ -692,31 +706,33 @@ class JobResponse:
 
     async def _stream(self, send: Callable) -> int:
         job, model = self.job, self.model
-        status = CLIENT_GONE
-
-        async def body(data: bytes, more: bool = True) -> None:
-            await send({"type": "http.response.body", "body": data, "more_body": more})
-
+        out = bytearray()
         if job.request.kind == "chat":
-            await body(_sse(_chunk(job, model, delta={"role": "assistant", "content": ""})))
-        while True:
-            event = await job.next()
-            if event[0] == "text":
-                await body(_sse(_chunk(job, model, delta={"content": event[1]}, text=event[1])))
-                continue
-            if event[0] == "error":  # the 200 already went out: an error event, as vLLM sends
-                await body(_sse(event[1].body()))
-                status = event[1].status
-            elif event[1] != "cancelled":
-                _, finish, usage = event
-                await body(_sse(_chunk(job, model, finish=finish)))
-                if job.request.include_usage:
-                    last = _chunk(job, model)
-                    last.update(choices=[], usage=usage.as_dict())
-                    await body(_sse(last))
-                status = 200
-            break
-        await body(_sse("[DONE]"), more=False)
+            out += _sse(_chunk(job, model, delta={"role": "assistant", "content": ""}))
+        status = None
+        while status is None:
+            # Everything the worker produced since the last write goes out in one write.
+            for event in [await job.next(), *job.ready()]:
+                if event[0] == "text":
+                    out += _sse(_chunk(job, model, delta={"content": event[1]}, text=event[1]))
+                    continue
+                if event[0] == "error":  # the 200 already went out: an error event, as vLLM sends
+                    out += _sse(event[1].body())
+                    status = event[1].status
+                elif event[1] == "cancelled":
+                    status = CLIENT_GONE
+                else:
+                    _, finish, usage = event
+                    out += _sse(_chunk(job, model, finish=finish))
+                    if job.request.include_usage:
+                        last = _chunk(job, model)
+                        last.update(choices=[], usage=usage.as_dict())
+                        out += _sse(last)
+                    status = 200
+                out += _sse("[DONE]")
+                break
+            await send({"type": "http.response.body", "body": bytes(out), "more_body": status is None})
+            out.clear()
         return status
 
     async def _collect(self, send: Callable) -> int:
@@ -773,12 +789,16 @@ def build_app(engine: "Engine", cfg: ServeConfig):
     async def read_json(request) -> Any:
         size = 0
         chunks = []
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cfg.max_body_bytes:
-                raise RequestError(413, f"the request body is over {cfg.max_body_bytes} bytes: send a shorter "
-                                        "prompt", code="request_too_large")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cfg.max_body_bytes:
+                    raise RequestError(413, f"the request body is over {cfg.max_body_bytes} bytes: send a "
+                                            "shorter prompt", code="request_too_large")
+                chunks.append(chunk)
+        except requests.ClientDisconnect:
+            raise RequestError(400, "the client closed the connection while sending the request",
+                               code="client_disconnected") from None
         try:
             return json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError) as e:
