@@ -416,3 +416,46 @@ def test_stop_filter(pieces, stops, sent, hit):
     if not stopped:
         out += f.flush()
     assert (out, stopped) == (sent, hit)
+
+
+def test_metrics_under_a_budget_export_the_runtime_figures():
+    m = Metrics()
+    stats = {"generated_tokens": 10, "prompt_tokens": 5, "reused_prompt_tokens": 0, "decode_tokens_per_s": 20.0,
+             "time_to_first_token_s": 0.2, "token_latency_p50_ms": 40.0, "token_latency_p99_ms": 90.0,
+             "memory_budget_bytes": 1 << 20, "resident_bytes": 1 << 19, "hit_rate": 0.75, "bytes_to_device": 4096,
+             "transfer_wait_s": 0.5, "prefetch_precision": 0.5, "prefetch_recall": None, "dropped_subexperts": 3,
+             "dropped_subexperts_per_token": 0.3}
+    m.record(stats, cancelled=False)
+    m.record(stats, cancelled=True)
+    text = m.render(queue_length=2, busy=True)
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert samples["edge_prism_bytes_to_device_total"] == "8192"
+    assert samples["edge_prism_transfer_wait_seconds_total"] == "1"
+    assert samples["edge_prism_dropped_subexperts_total"] == "6"
+    assert samples["edge_prism_hit_rate"] == "0.75" and samples["edge_prism_prefetch_precision"] == "0.5"
+    assert samples['edge_prism_token_latency_seconds{quantile="0.99"}'] == "0.09"
+    assert samples["edge_prism_requests_cancelled_total"] == "1" and samples["edge_prism_queue_length"] == "2"
+    assert "edge_prism_prefetch_recall" not in samples  # no predictions scored: left out, not 0
+
+
+@pytest.mark.parametrize("host,loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True),
+                                           ("0.0.0.0", False), ("192.168.1.10", False)])
+def test_is_loopback(host, loopback):
+    from edge_prism.serve import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
+def test_busy_port_is_one_error_line_before_loading(capsys):
+    import socket
+
+    from edge_prism import cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code = cli.main(["serve", "-m", "no/such/model", "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: cannot listen on 127.0.0.1:") and "--port" in err
+    assert len(err.strip().splitlines()) == 1
