@@ -20,6 +20,7 @@ The machine may be shared: read ratios, not absolutes. Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import statistics
@@ -49,6 +50,7 @@ class Timed:
     tokens: int
     ttft_s: float
     decode_s: float  # first piece to last piece
+    engine_tokens_per_s: float = float("nan")  # the engine's own figure (engine.stats), for comparison
 
     @property
     def tokens_per_s(self) -> float:
@@ -71,7 +73,8 @@ def time_pieces(start: float, pieces, tokens) -> Timed:
 def in_process(engine, messages: list[dict], n: int) -> Timed:
     start = time.perf_counter()
     stream = engine.stream_chat(messages, max_new_tokens=n, temperature=0)
-    return time_pieces(start, stream, lambda: engine.stats["generated_tokens"])
+    timed = time_pieces(start, stream, lambda: engine.stats["generated_tokens"])
+    return dataclasses.replace(timed, engine_tokens_per_s=engine.stats["decode_tokens_per_s"])
 
 
 def through_server(client, model: str, messages: list[dict], n: int) -> Timed:
@@ -86,7 +89,17 @@ def through_server(client, model: str, messages: list[dict], n: int) -> Timed:
                 yield chunk.choices[0].delta.content or ""
 
     start = time.perf_counter()
-    return time_pieces(start, pieces(), lambda: usage["n"])
+    timed = time_pieces(start, pieces(), lambda: usage["n"])
+    return dataclasses.replace(timed, engine_tokens_per_s=server_metric(client, "decode_tokens_per_second"))
+
+
+def server_metric(client, name: str) -> float:
+    """A sample of the server's /metrics (the client's base URL ends in /v1)."""
+    import httpx
+
+    text = httpx.get(str(client.base_url).rstrip("/").removesuffix("/v1") + "/metrics", timeout=30).text
+    found = re.search(rf"^edge_prism_{name} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else float("nan")
 
 
 # -- the server subprocess --------------------------------------------------------------------
@@ -97,8 +110,11 @@ class Server:
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "edge_prism.cli", "serve", "-m", args.model, "--port", "0",
                "--queue-size", str(args.queue_size)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if args.threads:  # the same compute threads as the in-process engine
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env=env)
         deadline = time.monotonic() + 600
         while not (found := READY.search(Path(self.log.name).read_text())):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -145,11 +161,14 @@ def speed(engine, server: Server, args: argparse.Namespace) -> None:
         runs["server"].append(through_server(client, server.model, messages, args.tokens))
     print(f"\nstreamed greedy chat, {args.tokens} new tokens at most, {args.repeats} runs each after a warm-up "
           "(alternating), medians")
-    print(f"{'system':12} {'tokens':>6} {'decode tokens/s':>16} {'TTFT ms':>8}")
+    print("(decode tokens/s as the consumer sees the pieces arrive; engine: the engine's own decode_tokens_per_s)")
+    print(f"{'system':12} {'tokens':>6} {'decode tokens/s':>16} {'engine tokens/s':>16} {'TTFT ms':>8}")
     med = {}
     for name, rs in runs.items():
         med[name] = statistics.median(r.tokens_per_s for r in rs)
-        print(f"{name:12} {rs[0].tokens:>6} {med[name]:>16.2f} {1000 * statistics.median(r.ttft_s for r in rs):>8.1f}")
+        print(f"{name:12} {rs[0].tokens:>6} {med[name]:>16.2f} "
+              f"{statistics.median(r.engine_tokens_per_s for r in rs):>16.2f} "
+              f"{1000 * statistics.median(r.ttft_s for r in rs):>8.1f}")
     print(f"ratio server / in-process (decode tokens/s): {med['server'] / med['in-process']:.3f}x")
     same = all(r.text == runs["in-process"][0].text for rs in runs.values() for r in rs)
     print(f"same text in every run: {'yes' if same else 'NO'}")
@@ -223,7 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=4, help="requests per client")
     p.add_argument("--short-tokens", type=int, default=16, help="new tokens of the concurrency requests")
     p.add_argument("--queue-size", type=int, default=16, help="the server's --queue-size")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch compute threads, in-process and in the server (default: torch's, one per core); "
+                        "on a busy shared machine 1 is steadier")
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     print(machine())
     engine = cli.load_engine(args)  # the runtime options a plain `serve -m MODEL` uses
     server = Server(args)  # after the in-process load: a default prism is built once, here
