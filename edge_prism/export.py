@@ -277,7 +277,7 @@ def _unit_matrices(pc, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     if blocks.dim() != 4 or blocks.shape[1] != 3 or not blocks.dtype.is_floating_point:
         raise UnsupportedModelError(
             f"{pc.path}: layer {layer}'s sub-expert blocks are {list(blocks.shape)} {blocks.dtype}; "
-            "export reads float [E*S, 3, n, D] blocks: refactor the model without quantization")
+            "export reads only float [E*S, 3, n, D] blocks so far; refactor without quantization")
     U, _, n, D = blocks.shape
     units = torch.empty(U, 3, n, D, dtype=torch.float32)
     units[order] = blocks.float()  # [U, 3, n, D] unit order
