@@ -31,6 +31,15 @@ class PrismCheckpointError(CorruptCheckpointError):
     """A prism checkpoint is damaged, of another format version, or stale."""
 
 
+class FileAccessError(EdgePrismError):
+    """A file or directory exists but cannot be read or written (permissions, a read-only or
+    full disk), so the fix is on the machine, not in the file."""
+
+
+class OutputBusyError(EdgePrismError):
+    """Another process is writing the same output right now."""
+
+
 class ContextLengthError(EdgePrismError):
     """A prompt (plus the tokens to generate) does not fit the context."""
 

@@ -201,3 +201,6 @@ def build_spec(cfg: dict, *, where: str) -> ModelSpec:
     except KeyError as missing:
         raise UnsupportedModelError(f"{where}: config has no {missing}; "
                                     "is this a complete Hugging Face config.json?") from None
+    except (TypeError, ValueError) as e:  # a nested value (rope_scaling, mlp_only_layers...) of the wrong type
+        raise CorruptCheckpointError(f"{where}: a config value has the wrong type ({e}); "
+                                     "fix config.json or use the one that came with the weights") from None

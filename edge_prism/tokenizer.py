@@ -24,7 +24,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
-from edge_prism.errors import CorruptCheckpointError, TokenizerError, UnsupportedModelError
+from edge_prism.errors import CorruptCheckpointError, FileAccessError, TokenizerError, UnsupportedModelError
 from edge_prism.loaders.gguf_meta import GgufMeta
 
 if TYPE_CHECKING:
@@ -154,6 +154,12 @@ class Tokenizer:
         if not tokenizer_file.is_file():
             return None
         try:
+            with open(tokenizer_file, "rb"):
+                pass
+        except PermissionError:
+            raise FileAccessError(f"{tokenizer_file}: cannot read it (permission denied); make it readable "
+                                  f"(chmod a+r {tokenizer_file})") from None
+        try:
             backend = Backend.from_file(str(tokenizer_file))
         except Exception as exc:  # the tokenizers library raises a bare Exception on bad JSON
             raise TokenizerError(
@@ -263,8 +269,9 @@ class Tokenizer:
         the way transformers does (same Jinja environment and variables)."""
         if not self.chat_template:
             raise TokenizerError(
-                f"{self.source}: this model has no chat template; use generate() (or --prompt without chat), "
-                "or a model that has one"
+                f"{self.source}: this model has no chat template, so it cannot format a chat; continue raw "
+                "text with Engine.generate() from Python, or use a chat (instruct) model, whose "
+                "tokenizer_config.json has a chat_template"
             )
         try:
             return _compile(self.chat_template).render(
@@ -275,8 +282,16 @@ class Tokenizer:
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )
+        except TokenizerError:
+            raise
         except jinja2.TemplateError as exc:
             raise TokenizerError(f"{self.source}: the chat template failed: {exc}") from exc
+        except RecursionError:
+            raise TokenizerError(f"{self.source}: the chat template recursed without end; fix the model's "
+                                 "chat_template") from None
+        except Exception as exc:  # the template is the model's code: any error in it is a bad template
+            raise TokenizerError(f"{self.source}: the chat template failed ({type(exc).__name__}: {exc}); "
+                                 "fix the model's chat_template, or check the messages it was given") from exc
 
     def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
         """Render, then encode without adding BOS (the template writes it), as transformers'
@@ -410,9 +425,15 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except PermissionError:
+        raise FileAccessError(f"{path}: cannot read it (permission denied); make it readable "
+                              f"(chmod a+r {path})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TokenizerError(f"{path}: cannot read it ({exc}); re-download the model") from exc
+    if not isinstance(value, dict):
+        raise TokenizerError(f"{path}: expected a JSON object; re-download the model")
+    return value
 
 
 def _token_text(value: Any) -> str | None:
@@ -425,7 +446,11 @@ def _token_text(value: Any) -> str | None:
 def _hf_chat_template(path: Path, config: dict) -> str | None:
     template_file = path / "chat_template.jinja"
     if template_file.is_file():
-        return template_file.read_text(encoding="utf-8")
+        try:
+            return template_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TokenizerError(f"{template_file}: cannot read it ({exc}); fix its permissions or "
+                                 "re-download the model") from None
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         named = {item.get("name"): item.get("template") for item in template if isinstance(item, dict)}
@@ -471,3 +496,5 @@ def _compile(template: str) -> jinja2.Template:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as exc:
         raise TokenizerError(f"the model's chat template does not parse: {exc}") from exc
+    except RecursionError:
+        raise TokenizerError("the model's chat template is nested too deeply to parse") from None

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 from edge_prism.errors import ModelNotFoundError
 from edge_prism.loaders.base import RawCheckpoint, TensorSource
 from edge_prism.loaders.hf import load_hf_dir, refuse_pickle
+from edge_prism.loaders.safetensors_mmap import unreadable
 
 DEFAULT_MODEL = "default"
 
@@ -20,9 +23,19 @@ def resolve_model(model: str | Path | None) -> Path:
 
         return default_model_path()
     path = Path(model).expanduser()
-    if not path.exists():
+    try:
+        path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise ModelNotFoundError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; "
+                                     "fix the link or give the model's real path") from None
         raise ModelNotFoundError(f"{path}: no such file or directory; give a Hugging Face model "
-                                 "directory, a .gguf file, a prism checkpoint, or 'default'")
+                                 "directory, a .gguf file, a prism checkpoint, or 'default'") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ModelNotFoundError(f"{path}: a loop of symbolic links (it leads back to itself); fix the "
+                                     "link or give the model's real path") from None
+        raise unreadable(path, e) from None
     return path
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from edge_prism.errors import CorruptCheckpointError
+from edge_prism.errors import CorruptCheckpointError, EdgePrismError, FileAccessError
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -24,33 +24,50 @@ DTYPES = {
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-def _corrupt(path: Path, why: str) -> CorruptCheckpointError:
-    return CorruptCheckpointError(f"{path}: {why}; the file is truncated or corrupt, "
-                                  "download or convert it again")
+_REDOWNLOAD = "the file is truncated or corrupt, download or convert it again"
+
+
+def _corrupt(path: Path, why: str, fix: str = _REDOWNLOAD) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"{path}: {why}; {fix}")
+
+
+def unreadable(path: Path, error: OSError) -> EdgePrismError:
+    """The error for a file that exists but cannot be opened: a permission, a directory where
+    a file belongs, an I/O error. The file itself is not known to be damaged."""
+    if isinstance(error, PermissionError):
+        return FileAccessError(f"{path}: cannot read it (permission denied); make it readable "
+                               f"(chmod a+r {path}) or run as a user who can read it")
+    if isinstance(error, IsADirectoryError):
+        return CorruptCheckpointError(f"{path}: is a directory, not a file; put the real file there")
+    return FileAccessError(f"{path}: cannot read it ({error.strerror or error}); check the disk and "
+                           "the file's permissions")
 
 
 class SafetensorsFile:
-    """One safetensors file, mapped read-only (copy-on-write, so views are writable tensors)."""
+    """One safetensors file, mapped read-only (copy-on-write, so views are writable tensors).
 
-    def __init__(self, path: Path):
+    ``fix`` ends the message when the file is damaged (what to do about it).
+    """
+
+    def __init__(self, path: Path, *, fix: str = _REDOWNLOAD):
         self.path = Path(path)
         try:
             with open(self.path, "rb") as f:
                 size = f.seek(0, 2)
                 if size < 8:
-                    raise _corrupt(self.path, f"only {size} bytes")
+                    raise _corrupt(self.path, f"only {size} bytes", fix)
                 f.seek(0)
                 (hlen,) = struct.unpack("<Q", f.read(8))
                 if hlen > min(size - 8, _MAX_HEADER):
-                    raise _corrupt(self.path, f"header length {hlen} exceeds the file")
+                    raise _corrupt(self.path, f"header length {hlen} exceeds the file", fix)
                 header = json.loads(f.read(hlen))
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + hlen else None
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise _corrupt(self.path, "unreadable header") from None
+            raise _corrupt(self.path, "unreadable header", fix) from None
         except OSError as e:
-            raise _corrupt(self.path, f"cannot be read ({e.strerror})") from None
+            raise unreadable(self.path, e) from None
         if not isinstance(header, dict):
-            raise _corrupt(self.path, "header is not a JSON object")
+            raise _corrupt(self.path, "header is not a JSON object", fix)
         self.metadata = header.pop("__metadata__", None) or {}
         self._base = 8 + hlen
         self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
@@ -60,12 +77,12 @@ class SafetensorsFile:
                 shape = tuple(int(s) for s in info["shape"])
                 start, end = (int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
-                raise _corrupt(self.path, f"bad header entry for tensor '{name}'") from None
+                raise _corrupt(self.path, f"bad header entry for tensor '{name}'", fix) from None
             numel = 1
             for s in shape:
                 numel *= s
             if end - start != numel * dtype.itemsize or start < 0 or self._base + end > size:
-                raise _corrupt(self.path, f"tensor '{name}' lies outside the file or has the wrong size")
+                raise _corrupt(self.path, f"tensor '{name}' lies outside the file or has the wrong size", fix)
             self._entries[name] = (dtype, shape, start, end)
 
     def names(self) -> list[str]:
@@ -98,8 +115,8 @@ class SafetensorsFile:
 class SafetensorsSource:
     """A TensorSource over one or many safetensors files (sharded checkpoints)."""
 
-    def __init__(self, files: list[Path]):
-        self.files = [SafetensorsFile(p) for p in files]
+    def __init__(self, files: list[Path], *, fix: str = _REDOWNLOAD):
+        self.files = [SafetensorsFile(p, fix=fix) for p in files]
         self._where: dict[str, SafetensorsFile] = {}
         for f in self.files:
             for name in f.names():
