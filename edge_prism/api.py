@@ -273,20 +273,35 @@ def default_prism(*, progress: bool = True) -> Path:
 
     from edge_prism.loaders.default import default_model_path
     from edge_prism.errors import PrismCheckpointError
-    from edge_prism.refactor.prism import is_prism, open_prism
+    from edge_prism.refactor.prism import (check_out_dir, estimate_prism_bytes, is_prism, open_prism,
+                                         output_lock)
     from edge_prism.refactor.refactor import RefactorConfig, config_record, refactor
 
     root = Path(os.environ.get("EDGE_PRISM_CACHE") or
                 Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-prism")
     src = default_model_path()
     out = root / f"{src.stem}.prism"
-    if is_prism(out):
+
+    def usable(*, say_why: bool) -> bool:
+        if not is_prism(out):
+            return False
         try:
             if open_prism(out).manifest.get("refactor_config") == config_record(RefactorConfig()):
-                return out
-            log.warning("rebuilding the default prism checkpoint: refactoring defaults changed")
+                return True
+            why = "refactoring defaults changed"
         except PrismCheckpointError as e:
-            log.warning("rebuilding the default prism checkpoint: %s", e)
-    log.warning("building the default model's prism checkpoint in %s (first use only)", out)
-    refactor(src, out, RefactorConfig(), force=True, progress=progress)
+            why = str(e)
+        if say_why:
+            log.warning("rebuilding the default prism checkpoint: %s", why)
+        return False
+
+    if usable(say_why=False):
+        return out
+    fix = "set EDGE_PRISM_CACHE to a writable directory with enough space"
+    with output_lock(out, wait=True, fix=fix):  # a concurrent first use builds it once; this one waits
+        if usable(say_why=True):  # built by the process we waited for
+            return out
+        check_out_dir(out, force=True, need_bytes=estimate_prism_bytes(src), fix=fix)
+        log.warning("building the default model's prism checkpoint in %s (first use only)", out)
+        refactor(src, out, RefactorConfig(), force=True, progress=progress)
     return out

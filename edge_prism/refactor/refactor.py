@@ -27,7 +27,8 @@ from edge_prism.refactor import gates as gatelib
 from edge_prism.refactor.corpus import stdlib_text
 from edge_prism.refactor.partition import (SOLVERS, group_size_ok, partition, partition_objective,
                                            permutation_from_groups)
-from edge_prism.refactor.prism import check_out_dir, file_stats, hash_files, is_prism, write_prism
+from edge_prism.refactor.prism import (check_out_dir, estimate_prism_bytes, file_stats, hash_files, is_prism,
+                                         output_lock, write_prism)
 from edge_prism.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -160,13 +161,22 @@ class _Collector:
 
 def refactor(model: str | Path | None, out: Path, cfg: RefactorConfig = RefactorConfig(), *,
              force: bool = False, progress: bool = True) -> RefactorReport:
-    """Refactor ``model`` into a prism checkpoint at ``out``."""
+    """Refactor ``model`` into a prism checkpoint at ``out``.
+
+    Holds the writer lock of ``out`` from the first check to the rename: a second writer of
+    the same output fails fast (OutputBusyError) instead of both writing.
+    """
+    out = Path(out)
+    path = resolve_model(model)
+    with output_lock(out):
+        check_out_dir(out, force=force, need_bytes=estimate_prism_bytes(path))
+        return _refactor(path, out, cfg, force=force, progress=progress)
+
+
+def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progress: bool) -> RefactorReport:
     from edge_prism.api import build_plain
 
     start = time.perf_counter()
-    out = Path(out)
-    check_out_dir(out, force=force)
-    path = resolve_model(model)
     if is_prism(path):
         raise ConfigError(f"{path}: already a prism checkpoint; refactor its source model instead")
     raw = open_checkpoint(path)
