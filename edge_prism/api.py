@@ -36,6 +36,26 @@ class RuntimeConfig:
     prefetch: bool = True  # predict and load later layers' sub-experts ahead of use (budgeted)
     token_latency_ms: float | None = None  # None: never drop sub-experts (exact)
 
+    def __post_init__(self) -> None:
+        import math
+        from numbers import Integral, Real
+
+        from edge_prism.runtime.policy import POLICIES
+
+        k, ms, budget = self.operating_point, self.token_latency_ms, self.memory_budget
+        if k is not None and (isinstance(k, bool) or not isinstance(k, Integral) or k < 1):
+            raise ConfigError(f"invalid operating point {k!r}: use a whole number of active sub-experts "
+                              "per token per layer, 1 or more")
+        if ms is not None and (isinstance(ms, bool) or not isinstance(ms, Real) or not math.isfinite(ms)
+                               or ms <= 0):
+            raise ConfigError(f"invalid token latency budget {ms!r} ms: use a positive number of milliseconds")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"invalid residency policy {self.policy!r}: use one of {', '.join(POLICIES)}")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (str, Integral))
+                                   or (isinstance(budget, Integral) and budget < 0)):
+            raise ConfigError(f"invalid memory budget {budget!r}: use a byte count, '512MiB', '1.5GiB', "
+                              "'25%' or 'auto'")
+
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         """The compute dtype for ``device``."""
         from edge_prism.runtime.device import default_dtype

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import Callable, Sequence
 
@@ -19,6 +20,32 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid count '{text}': use a whole number") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"invalid count '{text}': use 0 or more")
+    return value
+
+
+def _finite(what: str) -> Callable[[str], float]:
+    """An argparse type: a finite number (nan and inf are refused here; ranges are checked
+    where the value is used, with the same message the Python API gives)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"invalid {what} '{text}': use a finite number")
+        return value
+
+    return parse
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed torch accepts (a whole number from -2**63 to 2**64-1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed '{text}': use a whole number") from None
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"invalid seed '{text}': use a whole number from -2**63 to 2**64-1")
     return value
 
 
@@ -40,10 +67,10 @@ def add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> N
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """Generation options."""
     p.add_argument("-n", "--max-new-tokens", type=_positive_int, default=256, help="tokens to generate at most")
-    p.add_argument("-t", "--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("-t", "--temperature", type=_finite("temperature"), default=0.7, help="0 = greedy")
     p.add_argument("--top-k", type=_positive_int, default=0, help="sample among the K likeliest (0: off)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--top-p", type=_finite("top-p"), default=0.95, help="nucleus sampling mass")
+    p.add_argument("--seed", type=_seed, default=None, help="seed for reproducible sampling")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -66,7 +93,7 @@ def add_runtime_args(p: argparse.ArgumentParser, *, operating_point: bool = True
                    help="replacement policy of the non-pinned slots")
     p.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                    help="do not predict and load sub-experts ahead of use")
-    p.add_argument("--token-latency-ms", type=float, default=None,
+    p.add_argument("--token-latency-ms", type=_finite("token latency budget"), default=None,
                    help="decode-token latency budget: run fewer sub-experts rather than miss it")
 
 
@@ -129,7 +156,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     interactive = args.prompt is None and sys.stdin.isatty()
     prompt = args.prompt
     if not interactive and prompt is None:
-        prompt = sys.stdin.read()
+        try:
+            prompt = sys.stdin.read()
+            prompt.encode("utf-8")  # under the C locale, undecodable bytes arrive as lone surrogates
+        except UnicodeError as e:
+            byte = e.object[e.start]
+            byte = byte if isinstance(byte, int) else ord(byte) - 0xDC00
+            raise EdgePrismError(f"stdin is not valid UTF-8 text (undecodable byte 0x{byte:02x}); "
+                                 "pipe UTF-8 text, or pass --prompt TEXT") from None
         if not prompt.strip():
             raise EdgePrismError("no prompt: stdin was empty; pass --prompt TEXT or pipe text in")
     engine = load_engine(args)
@@ -245,7 +279,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     gpus = gpu_info()
     for g in gpus:
         print(f"GPU {g['name']}: {format_size(g['total'])} total, {format_size(g['free'])} free")
-    if not gpus:
+    if not gpus and torch.cuda.is_available():  # no NVML (a Jetson): ask the CUDA runtime
+        for i in range(torch.cuda.device_count()):
+            prop = torch.cuda.get_device_properties(i)
+            shared = ", integrated (shares host RAM)" if prop.is_integrated else ""
+            print(f"GPU {prop.name}: {format_size(prop.total_memory)} total{shared}")
+    elif not gpus:
         print("GPU: none found (no NVIDIA driver or device)")
     vm = psutil.virtual_memory()
     print(f"host RAM: {format_size(vm.total)} total, {format_size(vm.available)} available; "

@@ -96,6 +96,9 @@ class Engine:
 
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
         """Like generate(), yielding text pieces as tokens are produced."""
+        if not isinstance(prompt, str) or not prompt:
+            raise ConfigError(f"the prompt is {prompt!r:.40}: give non-empty text to continue "
+                              "(or generate_ids() with at least one token id)")
         ids = self.tokenizer.encode(prompt)
         self._check_ids(ids)  # bad input fails here, not at the first next()
         return self._stream_text(ids, _sampling(sampling))
@@ -112,7 +115,11 @@ class Engine:
 
     def generate_ids(self, ids: Sequence[int], **sampling) -> list[int]:
         """Generated token ids after prompt ``ids`` (stop tokens excluded)."""
-        return list(self._generate_ids(list(ids), _sampling(sampling)))
+        ids = list(ids)
+        if not ids:
+            raise ConfigError("generate_ids() got no token ids: give at least one prompt token "
+                              "(the BOS id, to start from nothing)")
+        return list(self._generate_ids(ids, _sampling(sampling)))
 
     def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Logits [T, vocab] (float32, CPU) for a 1-D sequence of token ids, from an empty cache."""
