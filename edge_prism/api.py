@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 
 from edge_prism.build import (ResidentStore, TensorReader, WholeBudgetStore, build_weights, check_shapes,
-                              pack_layer)
+                              plain_layer)
 from edge_prism.engine import Engine
 from edge_prism.errors import BudgetError, ConfigError
 from edge_prism.families import build_spec
@@ -35,6 +36,7 @@ class RuntimeConfig:
     policy: str = "lru"  # replacement policy of the dynamic slot region
     prefetch: bool = True  # predict and load later layers' sub-experts ahead of use (budgeted)
     token_latency_ms: float | None = None  # None: never drop sub-experts (exact)
+    dequantize: bool = False  # expand quantized weights to the compute dtype at load (reference path)
 
     def __post_init__(self) -> None:
         import math
@@ -68,34 +70,40 @@ class RuntimeConfig:
             raise ConfigError(f"invalid dtype '{self.dtype}': use one of {', '.join(_DTYPES)}") from None
 
 
-def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | None = None,
-         max_context: int | None = None, operating_point: int | None = None,
-         gate: str | None = None, memory_budget: str | int | None = None, policy: str = "lru",
-         prefetch: bool = True, token_latency_ms: float | None = None) -> Engine:
+def load(model: str | Path | None = None, **options) -> Engine:
     """Load ``model`` and return an Engine ready to generate.
 
     ``model``: a Hugging Face directory, a .gguf file, a prism checkpoint directory, or
-    None / 'default' for the bundled SmolLM2-135M-Instruct. ``operating_point``: active
-    sub-experts per token per MoE layer (prism checkpoints; default full, exact).
-    ``memory_budget``: bytes of sub-expert weights resident on the device ('512MiB',
-    '1.5GiB', a byte count, '25%' of all sub-experts, or 'auto'); the rest stream in,
-    predicted and loaded ahead of use when ``prefetch``. ``token_latency_ms``: a decode
-    token runs with fewer sub-experts rather than miss this budget.
+    None / 'default' for the bundled SmolLM2-135M-Instruct. ``options`` are the fields of
+    :class:`RuntimeConfig`: ``device``, ``dtype``, ``max_context``, ``operating_point``
+    (active sub-experts per token per MoE layer; default full, exact), ``gate``,
+    ``memory_budget`` (bytes of sub-expert weights resident on the device: '512MiB',
+    '1.5GiB', a byte count, '25%' of all sub-experts, or 'auto'; the rest stream in,
+    predicted and loaded ahead of use when ``prefetch``), ``policy``, ``prefetch``,
+    ``token_latency_ms`` (a decode token runs with fewer sub-experts rather than miss this
+    budget) and ``dequantize`` (expand quantized weights to floats at load).
     """
-    cfg = RuntimeConfig(device=device, dtype=dtype, max_context=max_context,
-                        operating_point=operating_point, gate=gate, memory_budget=memory_budget,
-                        policy=policy, prefetch=prefetch, token_latency_ms=token_latency_ms)
-    return load_with(model, cfg)
+    known = {f.name for f in dataclasses.fields(RuntimeConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown load() option '{unknown[0]}': use {', '.join(sorted(known))}")
+    return load_with(model, RuntimeConfig(**options))
 
 
 def build_plain(spec: ModelSpec, reader: TensorReader, *, dtype: torch.dtype,
                 device: torch.device) -> Transformer:
-    """A fully resident model from a plain checkpoint (each expert one sub-expert)."""
+    """A fully resident model from a plain checkpoint (quantized experts stay quantized)."""
     check_shapes(spec, reader)
     weights = build_weights(spec, reader)
-    parts = [plain_parts(f.width) for f in spec.ffn]
-    pools = [pack_layer(spec, reader, layer, parts=p).to(device) for layer, p in enumerate(parts)]
-    return Transformer(spec, weights, ResidentStore(pools), parts=parts, dtype=dtype, device=device)
+    pools, kernels, parts = [], [], []
+    for layer, f in enumerate(spec.ffn):
+        pool, kernel, p = plain_layer(spec, reader, layer, float_parts=plain_parts(f.width))
+        pools.append(pool)
+        kernels.append(kernel)
+        parts.append(p)
+    units = [f.num_experts * p for f, p in zip(spec.ffn, parts)]
+    return Transformer(spec, weights, ResidentStore(pools, units), parts=parts, kernels=kernels,
+                       dtype=dtype, device=device)
 
 
 def plain_parts(width: int) -> int:
@@ -129,13 +137,20 @@ def load_with(model: str | Path | None, cfg: RuntimeConfig) -> Engine:
                               f"run `edge-prism refactor {path} --out DIR` and load DIR")
         raw = open_checkpoint(path)
         spec = build_spec(raw.config, where=str(path / "config.json" if path.is_dir() else path))
-        reader = TensorReader(raw.tensors, path, dtype=dtype, device=dev)
+        reader = TensorReader(raw.tensors, path, dtype=dtype, device=dev, backend=_backend(cfg, dev))
         transformer, tokenizer = build_plain(spec, reader, dtype=dtype, device=dev), raw.tokenizer
     spec = transformer.spec
     max_ctx = spec.max_position if cfg.max_context is None else cfg.max_context
     if max_ctx < 2:
         raise ConfigError(f"invalid max_context {max_ctx}: use at least 2 tokens")
     return Engine(transformer, tokenizer, source=path, max_context=min(max_ctx, spec.max_position))
+
+
+def _backend(cfg: RuntimeConfig, device: torch.device):
+    """The int4 backend of ``device``, or None when quantized weights are to be expanded."""
+    from edge_prism.quant import backend_for
+
+    return None if cfg.dequantize else backend_for(device)
 
 
 def _build_prism(path: Path, cfg: RuntimeConfig, *, dtype: torch.dtype, device: torch.device):
@@ -146,7 +161,8 @@ def _build_prism(path: Path, cfg: RuntimeConfig, *, dtype: torch.dtype, device: 
 
     pc = open_prism(path)
     spec = build_spec(pc.config, where=str(path / "prism.json"))
-    reader = TensorReader(pc.dense, path, dtype=dtype, device=device)
+    backend = _backend(cfg, device)
+    reader = TensorReader(pc.dense_source, path, dtype=dtype, device=device, backend=backend)
     check_shapes(spec, reader, experts=False)
     parts = pc.parts
     kind = cfg.gate or pc.manifest["gates"]["default"]
@@ -161,17 +177,17 @@ def _build_prism(path: Path, cfg: RuntimeConfig, *, dtype: torch.dtype, device: 
         k = pc.manifest.get("default_operating_point") or full
     k = check_operating_point(k, spec, parts)
     if cfg.memory_budget is None:
-        store = _resident_store(pc, spec, dtype=dtype, device=device)
+        store, kernels = _resident_store(pc, spec, backend, dtype=dtype, device=device)
     else:
-        store = _budgeted_store(pc, spec, k, cfg, dtype=dtype, device=device)
+        store, kernels = _budgeted_store(pc, spec, k, cfg, backend, dtype=dtype, device=device)
     weights = build_weights(spec, reader)
-    model = Transformer(spec, weights, store, parts=parts, dtype=dtype, device=device)
+    model = Transformer(spec, weights, store, parts=parts, kernels=kernels, dtype=dtype, device=device)
     if k != full or cfg.token_latency_ms is not None:
         if kind == "oracle":
             from edge_prism.select import LayerGate
 
-            model.gates = [LayerGate("oracle", store.pool(layer), spec.ffn[layer].num_experts)
-                           for layer in range(spec.num_layers)]
+            model.gates = [LayerGate("oracle", float_pool(pc, layer, dtype=dtype, device=device),
+                                     spec.ffn[layer].num_experts) for layer in range(spec.num_layers)]
         else:
             model.gates = [_layer_gate(pc, layer, kind, dtype, device) for layer in range(spec.num_layers)]
     if k != full:  # full K needs no gate: the exact path stays untouched
@@ -184,16 +200,42 @@ def _build_prism(path: Path, cfg: RuntimeConfig, *, dtype: torch.dtype, device: 
     return model, Tokenizer.from_hf_dir(path)
 
 
-def _resident_store(pc, spec: ModelSpec, *, dtype: torch.dtype, device: torch.device,
-                    budget_bytes: int | None = None) -> ResidentStore:
-    """Every sub-expert resident, in unit order (``budget_bytes``: a budget that holds all)."""
-    pools = []
-    for layer in range(spec.num_layers):
+def float_pool(pc, layer: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``layer``'s sub-experts as float blocks [U, 3, n, D] in unit order (quantized ones expanded)."""
+    if pc.unit_format(layer) is None:
         blocks = pc.blocks(layer)  # [U, 3, n, D] storage order (mmap)
         pool = torch.empty(blocks.shape, dtype=dtype, device=device)
         pool[pc.order(layer).to(device)] = blocks.to(device=device, dtype=dtype)
-        pools.append(pool)
-    return ResidentStore(pools) if budget_bytes is None else WholeBudgetStore(pools, budget_bytes=budget_bytes)
+        return pool
+    wg, wu, wd = pc.unit_matrices(layer)  # [U, n, D], [U, n, D], [U, D, n]
+    U, n, D = wg.shape
+    return torch.stack((wg, wu, wd.reshape(U, n, D)), dim=1).to(device=device, dtype=dtype)
+
+
+def _resident_store(pc, spec: ModelSpec, backend, *, dtype: torch.dtype, device: torch.device,
+                    budget_bytes: int | None = None) -> tuple[ResidentStore, list]:
+    """Every sub-expert resident (``budget_bytes``: a budget that holds all), and each layer's
+    kernel: float blocks in unit order (a full layer is one run: no gather), or per expert the
+    quantized parts joined into one matrix pair."""
+    from edge_prism.kernels import FloatUnits, QuantExperts, expert_matrices
+
+    pools, kernels, units = [], [], []
+    for layer in range(spec.num_layers):
+        fmt, S = pc.unit_format(layer), pc.parts[layer]
+        units.append(spec.ffn[layer].num_experts * S)
+        if fmt is None or backend is None:
+            pools.append(float_pool(pc, layer, dtype=dtype, device=device))
+            kernels.append(FloatUnits())
+            continue
+        blocks = pc.blocks(layer)  # [U, nbytes] storage order
+        pos = torch.empty(units[-1], dtype=torch.long)
+        pos[pc.order(layer).long()] = torch.arange(units[-1])
+        pools.append([expert_matrices([blocks[int(p)] for p in pos[e * S:(e + 1) * S]], fmt, backend)
+                      for e in range(spec.ffn[layer].num_experts)])
+        kernels.append(QuantExperts(fmt, S, backend))
+    if budget_bytes is None:
+        return ResidentStore(pools, units), kernels
+    return WholeBudgetStore(pools, units, budget_bytes=budget_bytes), kernels
 
 
 def layer_blocks(pc, spec: ModelSpec, k: int) -> list:
@@ -229,7 +271,7 @@ def resolve_budget(budget: str | int, layers: list, *, device: torch.device, res
     return min(total, parse_size(budget, total=total, what="memory budget"))
 
 
-def _budgeted_store(pc, spec: ModelSpec, k: int, cfg: RuntimeConfig, *, dtype: torch.dtype,
+def _budgeted_store(pc, spec: ModelSpec, k: int, cfg: RuntimeConfig, backend, *, dtype: torch.dtype,
                     device: torch.device):
     from edge_prism.runtime.sizes import format_size
     from edge_prism.runtime.store import BudgetedStore, _block_bytes, minimum_budget, prism_tiers
@@ -240,14 +282,22 @@ def _budgeted_store(pc, spec: ModelSpec, k: int, cfg: RuntimeConfig, *, dtype: t
     total = sum(lb.units * _block_bytes(lb) for lb in layers)
     if nbytes >= total:
         # Everything fits: no streaming, and blocks stay in unit order (no gather copies).
-        return _resident_store(pc, spec, dtype=dtype, device=device, budget_bytes=nbytes)
+        return _resident_store(pc, spec, backend, dtype=dtype, device=device, budget_bytes=nbytes)
     m = minimum_budget(layers)
     if nbytes < m:
         raise BudgetError(f"memory budget '{cfg.memory_budget}' is {format_size(nbytes)}, below what one "
                           f"layer's largest selection needs: minimum is {format_size(m)} ({m} bytes); "
                           "raise --memory-budget or lower --operating-point")
-    tiers = prism_tiers(pc.path / "experts.safetensors", device)
-    return BudgetedStore(tiers, layers, budget_bytes=nbytes, device=device, policy=cfg.policy)
+    from edge_prism.kernels import FloatUnits, QuantUnits
+
+    formats = {layer: pc.unit_format(layer) for layer in range(spec.num_layers)}
+    if backend is None and any(formats.values()):
+        raise ConfigError(f"{pc.path}: its sub-experts are quantized and stream as they are stored; "
+                          "drop dequantize=True to run it under a memory budget")
+    tiers = prism_tiers(pc.path / "experts.safetensors", device, formats=formats, backend=backend)
+    kernels = [FloatUnits() if formats[layer] is None else QuantUnits(formats[layer], backend)
+               for layer in range(spec.num_layers)]
+    return BudgetedStore(tiers, layers, budget_bytes=nbytes, device=device, policy=cfg.policy), kernels
 
 
 def _prefetcher(pc, model: Transformer):

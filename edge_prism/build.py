@@ -12,18 +12,27 @@ import torch
 
 from edge_prism.errors import CorruptCheckpointError, ShapeMismatchError
 from edge_prism.families import FAMILIES
+from edge_prism.kernels import (ExpertMatrices, FFNKernel, FloatEmbedding, FloatLinear, FloatUnits, Linear,
+                                QuantEmbedding, QuantExperts, QuantHead, QuantLinear, dense_expert_matrices)
 from edge_prism.loaders.base import TensorSource
 from edge_prism.model import LayerWeights, Weights, tied_head, transposed
+from edge_prism.quant import Int4Backend, QMatrix, UnitFormat
 from edge_prism.spec import ModelSpec
 
 _ATTN = "model.layers.{l}.self_attn.{p}_proj.{kind}"
 
 
 class TensorReader:
-    """Reads named tensors, checking presence and shape, converting dtype and device."""
+    """Reads named tensors, checking presence and shape, converting dtype and device.
 
-    def __init__(self, source: TensorSource, where: Path, *, dtype: torch.dtype, device: torch.device):
+    With a ``backend``, tensors the source holds quantized stay quantized (``linear``,
+    ``quantized``); without one every tensor is read as ``dtype`` floats.
+    """
+
+    def __init__(self, source: TensorSource, where: Path, *, dtype: torch.dtype, device: torch.device,
+                 backend: Int4Backend | None = None):
         self.source, self.where, self.dtype, self.device = source, where, dtype, device
+        self.backend = backend
         self._names = set(source.names())
 
     def has(self, name: str) -> bool:
@@ -45,6 +54,23 @@ class TensorReader:
         """The tensor ``name`` as ``dtype`` on the target device (checked first)."""
         self.shape(name, expected)
         return self.source.get(name).to(device=device or self.device, dtype=self.dtype)
+
+    def quantized(self, name: str, expected: tuple[int, ...]) -> QMatrix | None:
+        """``name`` in quantized storage form when the source holds it so and a backend is
+        set, else None (checked first)."""
+        self.shape(name, expected)
+        if self.backend is None or not hasattr(self.source, "quantized"):
+            return None
+        return self.source.quantized(name)
+
+    def linear(self, names: list[str], shapes: list[tuple[int, int]]) -> Linear:
+        """The rows of ``names`` stacked into one linear: quantized when every part is
+        (whole rows join exactly), else float, stored transposed."""
+        qs = [self.quantized(n, shape) for n, shape in zip(names, shapes)]
+        if all(q is not None for q in qs):
+            qm = qs[0] if len(qs) == 1 else QMatrix.cat_rows(qs)
+            return QuantLinear(self.backend.pack(qm), self.backend)
+        return FloatLinear(transposed(torch.cat([self.get(n, shape) for n, shape in zip(names, shapes)])))
 
 
 def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
@@ -115,42 +141,58 @@ def _layer_of(name: str) -> int | None:
 
 
 def build_weights(spec: ModelSpec, reader: TensorReader) -> Weights:
-    """The always-resident weights, on the reader's device and dtype."""
+    """The always-resident weights, on the reader's device and dtype (quantized ones stay so)."""
     s, names = spec, FAMILIES[spec.family].names
-    D, hd = s.hidden_size, s.head_dim
     shapes = expected_shapes(spec)
 
     def get(name: str) -> torch.Tensor:
         return reader.get(name, shapes[name])
 
-    embed = get("model.embed_tokens.weight")
-    if s.tie_word_embeddings:
-        embed, lm_head_t = tied_head(embed)
-    else:
-        lm_head_t = transposed(get("lm_head.weight"))
+    def linear(*parts: str) -> Linear:
+        return reader.linear(list(parts), [shapes[p] for p in parts])
+
+    embed, lm_head = _embedding_and_head(s, reader, shapes)
     layers = []
     for layer, f in enumerate(s.ffn):
-        qkv = [get(_ATTN.format(l=layer, p=p, kind="weight")) for p in "qkv"]
         bias = None
         if s.attention_bias:
             bias = torch.cat([get(_ATTN.format(l=layer, p=p, kind="bias")) for p in "qkv"])
         lw = LayerWeights(
             attn_norm=get(f"model.layers.{layer}.input_layernorm.weight"),
             ffn_norm=get(f"model.layers.{layer}.post_attention_layernorm.weight"),
-            wqkv_t=transposed(torch.cat(qkv)), bqkv=bias,
-            wo_t=transposed(get(_ATTN.format(l=layer, p="o", kind="weight"))),
+            wqkv=linear(*(_ATTN.format(l=layer, p=p, kind="weight") for p in "qkv")), bqkv=bias,
+            wo=linear(_ATTN.format(l=layer, p="o", kind="weight")),
             q_norm=get(f"model.layers.{layer}.self_attn.q_norm.weight") if s.qk_norm != "none" else None,
             k_norm=get(f"model.layers.{layer}.self_attn.k_norm.weight") if s.qk_norm != "none" else None,
             router=get(names.router.format(l=layer)) if f.routed else None,
         )
         if f.shared_width:
             g, u, d = (n.format(l=layer) for n in names.shared)
-            lw.shared_gu = torch.cat([get(g), get(u)])
-            lw.shared_down = get(d)
+            lw.shared_gu = linear(g, u)
+            lw.shared_down = linear(d)
             lw.shared_gate = get(names.shared_gate.format(l=layer))
         layers.append(lw)
-    del D, hd
-    return Weights(embed=embed, norm=get("model.norm.weight"), lm_head_t=lm_head_t, layers=layers)
+    return Weights(embed=embed, norm=get("model.norm.weight"), lm_head=lm_head, layers=layers)
+
+
+def _embedding_and_head(s: ModelSpec, reader: TensorReader, shapes: dict) -> tuple:
+    name = "model.embed_tokens.weight"
+    q = reader.quantized(name, shapes[name])
+    head = q if s.tie_word_embeddings else reader.quantized("lm_head.weight", shapes.get("lm_head.weight"))
+    embed = QuantEmbedding(q, dtype=reader.dtype, device=reader.device) if q is not None else None
+    if head is not None:
+        rows = embed.qm if s.tie_word_embeddings else head.to(reader.device)
+        lm_head = QuantHead(reader.backend.pack(head), reader.backend, rows)
+    if q is not None:
+        if s.tie_word_embeddings:
+            return embed, lm_head
+        return embed, lm_head if head is not None else reader.linear(["lm_head.weight"], [shapes["lm_head.weight"]])
+    if s.tie_word_embeddings:
+        return tied_head(reader.get(name, shapes[name]))
+    if head is not None:
+        return FloatEmbedding(reader.get(name, shapes[name])), lm_head
+    return (FloatEmbedding(reader.get(name, shapes[name])),
+            reader.linear(["lm_head.weight"], [shapes["lm_head.weight"]]))
 
 
 def expert_matrices(spec: ModelSpec, reader: TensorReader, layer: int,
@@ -185,8 +227,19 @@ def pack_expert(wg: torch.Tensor, wu: torch.Tensor, wd_t: torch.Tensor, parts: i
     return out
 
 
+def expert_qmatrices(spec: ModelSpec, reader: TensorReader, layer: int,
+                     expert: int) -> tuple[QMatrix, QMatrix, QMatrix] | None:
+    """One expert's W_gate [W, D], W_up [W, D], W_down [D, W] as the source stores them
+    quantized, or None when any of them is not quantized (or the reader has no backend)."""
+    f, names = spec.ffn[layer], FAMILIES[spec.family].names
+    g, u, d = (n.format(l=layer, e=expert) for n in (names.expert if f.routed else names.dense))
+    W, D = f.width, spec.hidden_size
+    qs = (reader.quantized(g, (W, D)), reader.quantized(u, (W, D)), reader.quantized(d, (D, W)))
+    return None if any(q is None for q in qs) else qs
+
+
 def pack_layer(spec: ModelSpec, reader: TensorReader, layer: int, *, parts: int = 1) -> torch.Tensor:
-    """A layer's sub-expert blocks [E*S, 3, n, D], unit e*S+s = part s of expert e."""
+    """A layer's float sub-expert blocks [E*S, 3, n, D], unit e*S+s = part s of expert e."""
     f = spec.ffn[layer]
     n = f.width // parts
     out = torch.empty(f.num_experts * parts, 3, n, spec.hidden_size, dtype=reader.dtype)
@@ -195,18 +248,40 @@ def pack_layer(spec: ModelSpec, reader: TensorReader, layer: int, *, parts: int 
     return out
 
 
-class ResidentStore:
-    """Every sub-expert resident in one buffer per layer; slot = unit id."""
+def plain_layer(spec: ModelSpec, reader: TensorReader, layer: int, *,
+                float_parts: int) -> tuple[object, FFNKernel, int]:
+    """(pool, kernel, parts) of a plain checkpoint's layer, resident on the reader's device.
 
-    def __init__(self, pools: list[torch.Tensor]):
-        self.pools = pools
+    Quantized experts stay quantized, each one expert of one part (the int4 kernel runs a
+    whole expert per call); float experts are cut into ``float_parts`` exact blocks.
+    """
+    f = spec.ffn[layer]
+    q = expert_qmatrices(spec, reader, layer, 0)
+    if q is not None and f.width % q[2].group == 0:
+        experts: list[ExpertMatrices] = []
+        for e in range(f.num_experts):
+            gate, up, down = q if e == 0 else expert_qmatrices(spec, reader, layer, e)
+            experts.append(dense_expert_matrices(gate, up, down, reader.backend))
+        fmt = UnitFormat(n=f.width, hidden=spec.hidden_size, gu_planes=max(q[0].planes, q[1].planes),
+                         dn_planes=q[2].planes, group=q[2].group)
+        return experts, QuantExperts(fmt, 1, reader.backend), 1
+    pool = pack_layer(spec, reader, layer, parts=float_parts).to(reader.device)
+    return pool, FloatUnits(), float_parts
+
+
+class ResidentStore:
+    """Every sub-expert resident; slot = unit id. A layer's pool is a float block buffer
+    [U, 3, n, D] or the list of its experts' quantized matrices."""
+
+    def __init__(self, pools: list, units: list[int]):
+        self.pools, self.units = pools, units
 
     def slots(self, layer: int, units: torch.Tensor) -> torch.Tensor:
         """Slots of ``units`` (identity)."""
         return units
 
-    def pool(self, layer: int) -> torch.Tensor:
-        """The layer's block buffer."""
+    def pool(self, layer: int):
+        """The layer's blocks or expert matrices."""
         return self.pools[layer]
 
     def done(self, layer: int) -> None:
@@ -214,27 +289,33 @@ class ResidentStore:
 
     def capacity(self, layer: int) -> int:
         """Every unit of the layer fits."""
-        return self.pools[layer].shape[0]
+        return self.units[layer]
 
     def ready(self, layer: int, unit: int) -> bool:
         """Always: nothing is ever loaded."""
         return True
 
+    def layer_nbytes(self, layer: int) -> int:
+        """Bytes of ``layer``'s sub-experts."""
+        p = self.pools[layer]
+        if isinstance(p, torch.Tensor):
+            return p.numel() * p.element_size()
+        return sum(m.nbytes() for m in p)
+
     def block_nbytes(self, layer: int) -> int:
-        """Bytes of one sub-expert block of ``layer``."""
-        b = self.pools[layer][0]
-        return b.numel() * b.element_size()
+        """Bytes of one sub-expert of ``layer``."""
+        return self.layer_nbytes(layer) // max(self.units[layer], 1)
 
     def nbytes(self) -> int:
         """Bytes of all blocks."""
-        return sum(p.numel() * p.element_size() for p in self.pools)
+        return sum(self.layer_nbytes(layer) for layer in range(len(self.pools)))
 
 
 class WholeBudgetStore(ResidentStore):
     """A memory budget that holds every sub-expert: resident, reported like a budget."""
 
-    def __init__(self, pools: list[torch.Tensor], *, budget_bytes: int):
-        super().__init__(pools)
+    def __init__(self, pools: list, units: list[int], *, budget_bytes: int):
+        super().__init__(pools, units)
         self.budget_bytes = budget_bytes
         self.hits = 0
 

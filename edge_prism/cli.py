@@ -235,7 +235,7 @@ def cmd_refactor(args: argparse.Namespace) -> int:
 
     cfg = RefactorConfig(sub_experts=args.sub_experts, calib_files=tuple(Path(f) for f in args.calib_file),
                          calib_tokens=args.calib_tokens, solver=args.solver, seed=args.seed,
-                         default_gate=args.gate)
+                         default_gate=args.gate, quant=args.quant, group_size=args.group_size)
     report = refactor(args.model, Path(args.out), cfg, force=args.force, progress=True)
     obj = ", ".join(f"{k} {v:.4g}" for k, v in sorted(report.objective.items()))
     print(f"wrote {report.out} in {report.seconds:.1f} s ({report.calib_tokens} calibration tokens; "
@@ -289,6 +289,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     vm = psutil.virtual_memory()
     print(f"host RAM: {format_size(vm.total)} total, {format_size(vm.available)} available; "
           f"{psutil.cpu_count(logical=False) or psutil.cpu_count()} CPU cores")
+    print(f"quantized weights: {kernel_paths()}")
     try:
         from edge_prism.loaders.default import default_model_path
 
@@ -298,12 +299,27 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def kernel_paths() -> str:
+    """Which int4 kernel computes quantized weights on each device here."""
+    import torch
+
+    from edge_prism.quant import backend_for
+
+    devices = [torch.device("cpu")] + [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    names = {"cpu-int4pack": "torch int4 kernel (bfloat16 activations)",
+             "cuda-int4pack": "torch int4 tinygemm kernel (bfloat16)",
+             "dequant": "no int4 kernel: each weight is expanded to the compute dtype in a scratch buffer"}
+    return "; ".join(f"{d}: {names[backend_for(d).name]}" for d in devices)
+
+
 # -- entry point ---------------------------------------------------------------------------
 Command = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     """The argument parser and the handler of each subcommand."""
+    from edge_prism.refactor.refactor import QUANT_HELP
+
     parser = argparse.ArgumentParser(
         prog="edge-prism",
         description="Run Mixture-of-Experts language models on devices that cannot hold them: "
@@ -336,6 +352,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     ref.add_argument("--solver", default="anneal", choices=("anneal", "greedy", "contiguous", "random"))
     ref.add_argument("--gate", default="linear", choices=("proxy", "linear"),
                      help="default sub-expert gate (both are stored; linear measured better)")
+    ref.add_argument("--quant", default="auto", choices=("auto", "none", "int8", "int4"),
+                     help="precision of the stored weights: " + QUANT_HELP)
+    ref.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128, 256),
+                     help="values sharing one scale and zero when quantizing float weights (default 32)")
     ref.add_argument("--seed", type=int, default=0)
     ref.add_argument("--force", action="store_true", help="replace an existing output")
     handlers["refactor"] = cmd_refactor

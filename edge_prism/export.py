@@ -268,20 +268,11 @@ def _unit_matrices(pc, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     """One layer's sub-experts in unit-id order (e*S+s), float32:
     W_gate rows [U, n, D], W_up rows [U, n, D], W_down columns [U, D, n].
 
-    The only place this module reads sub-expert blocks: today each stored block is
-    [3, n, D] (gate rows, up rows, then W_down's columns as a row-major [D, n] matrix,
-    see build.pack_expert), in ``layers.L.order`` storage order.
+    The only place this module reads sub-expert blocks; the checkpoint expands quantized
+    blocks (PrismCheckpoint.unit_matrices), so an export of a quantized prism is its
+    dequantization at the chosen --dtype.
     """
-    blocks = pc.blocks(layer)  # [U, 3, n, D] storage order (mmap)
-    order = pc.order(layer)  # [U] unit id at each storage position
-    if blocks.dim() != 4 or blocks.shape[1] != 3 or not blocks.dtype.is_floating_point:
-        raise UnsupportedModelError(
-            f"{pc.path}: layer {layer}'s sub-expert blocks are {list(blocks.shape)} {blocks.dtype}; "
-            "export reads only float [E*S, 3, n, D] blocks so far; refactor without quantization")
-    U, _, n, D = blocks.shape
-    units = torch.empty(U, 3, n, D, dtype=torch.float32)
-    units[order] = blocks.float()  # [U, 3, n, D] unit order
-    return units[:, 0], units[:, 1], units[:, 2].reshape(U, D, n)
+    return pc.unit_matrices(layer)
 
 
 def _linear_gate(pc, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,7 +292,7 @@ class _FitObserver:
         self.gates = {layer: _linear_gate(pc, layer) for layer in plan.moe_layers}
         names = FAMILIES[plan.source].names
         self.parents = {} if plan.dense_model else {
-            layer: pc.dense.get(names.router.format(l=layer)).double() for layer in plan.moe_layers}
+            layer: pc.dense_source.get(names.router.format(l=layer)).double() for layer in plan.moe_layers}
         self.gram = {layer: torch.zeros(hidden, hidden, dtype=torch.float64) for layer in plan.moe_layers}
         self.sums = {layer: torch.zeros(hidden, dtype=torch.float64) for layer in plan.moe_layers}
         self.spread = {layer: 0.0 for layer in plan.moe_layers}
@@ -499,7 +490,7 @@ def _tensors(pc, spec: ModelSpec, plan: _Plan, routers: dict[int, torch.Tensor],
     per_layer: dict[int, list[str]] = {}
     top, bottom = [], []
     source_routers = {src.router.format(l=i) for i in range(spec.num_layers)} if src.router else set()
-    for name in sorted(pc.dense.names()):
+    for name in sorted(pc.dense_source.names()):
         if name in source_routers:
             continue
         parts = name.split(".")
@@ -510,17 +501,17 @@ def _tensors(pc, spec: ModelSpec, plan: _Plan, routers: dict[int, torch.Tensor],
         else:
             bottom.append(name)
     for name in top:
-        yield name, pc.dense.get(name)
+        yield name, pc.dense_source.get(name)
     moe = set(plan.moe_layers)
     for layer in range(spec.num_layers):
         for name in per_layer.get(layer, []):
-            yield name, pc.dense.get(name)
+            yield name, pc.dense_source.get(name)
         if layer in moe:
             yield from _moe_layer(pc, spec, plan, layer, routers.get(layer), folds[layer], src, dst)
         else:
             yield from _dense_layer(pc, layer, dst)
     for name in bottom:
-        yield name, pc.dense.get(name)
+        yield name, pc.dense_source.get(name)
 
 
 def _moe_layer(pc, spec: ModelSpec, plan: _Plan, layer: int, rows: torch.Tensor | None, fold: float,
@@ -532,7 +523,7 @@ def _moe_layer(pc, spec: ModelSpec, plan: _Plan, layer: int, rows: torch.Tensor 
         if plan.dense_model:
             rows = torch.zeros(U, spec.hidden_size)  # [S, D]
         else:
-            parent = pc.dense.get(src.router.format(l=layer)).float()  # [E, D]
+            parent = pc.dense_source.get(src.router.format(l=layer)).float()  # [E, D]
             rows = parent.repeat_interleave(plan.parts, dim=0)  # [E*S, D]
     g, u, d = dst.expert
     for unit in range(U):

@@ -215,7 +215,7 @@ class _PrismSubject:
         return self._load(k, None)
 
     def ours(self, budget: str, k: int, prefetch: bool, token_latency_ms: float | None = None):
-        extra = {"prefetch": prefetch} if supports_prefetch() else {}
+        extra: dict = {"prefetch": prefetch}
         if token_latency_ms is not None:
             extra["token_latency_ms"] = token_latency_ms
         return self._load(k, budget, **extra)
@@ -224,11 +224,14 @@ class _PrismSubject:
         from edge_prism.runtime.store import minimum_budget, prism_tiers
 
         nbytes = self.budget_bytes(budget, k)
-        store = store_class(prism_tiers(self.path / "experts.safetensors", self.device), layers,
-                            budget_bytes=nbytes, device=self.device, policy="lru")
+        from edge_prism.quant import backend_for
+
+        formats = {layer: self.pc.unit_format(layer) for layer in range(self.spec.num_layers)}
+        tiers = prism_tiers(self.path / "experts.safetensors", self.device, formats=formats,
+                            backend=backend_for(self.device))
+        store = store_class(tiers, layers, budget_bytes=nbytes, device=self.device, policy="lru")
         # load() builds edge-prism's store; the smallest one, replaced before any token runs.
-        engine = self._load(k, minimum_budget(self.layer_blocks(k)),
-                            **({"prefetch": False} if supports_prefetch() else {}))
+        engine = self._load(k, minimum_budget(self.layer_blocks(k)), prefetch=False)
         _close_store(engine.model.store)
         engine.model.store = store
         return engine
@@ -353,13 +356,6 @@ def _release(engine) -> None:
     gc.collect()
 
 
-def supports_prefetch() -> bool:
-    """Whether load() takes ``prefetch`` (the prefetcher has landed)."""
-    from edge_prism.api import load
-
-    return "prefetch" in inspect.signature(load).parameters
-
-
 def device_label(device: torch.device) -> str:
     """'cpu (N threads)', or the GPU's name."""
     from edge_prism.runtime.device import gpu_info
@@ -430,7 +426,7 @@ def _sweep(model: str | Path | None, cfg: SweepConfig) -> list[SweepRow]:
     warm, prompts = prompts[-1], prompts[:-1]
     dev = device_label(subject.device)
     common = dict(synthetic=subject.synthetic, device=dev, model=subject.name)
-    systems = ["edge-prism"] + (["edge-prism+prefetch"] if supports_prefetch() else [])
+    systems = ["edge-prism", "edge-prism+prefetch"]
     if cfg.baselines:
         systems += ["subexpert-lru", "expert-lru"]
     jobs = [(k, ALL, "all-resident") for k in points if cfg.baselines]
@@ -503,7 +499,7 @@ def lockstep_quality(degraded, reference, prompt: Sequence[int], new_tokens: int
 def _latency_rows(subject, cfg: SweepConfig, rows: list[SweepRow], prompts, warm, common) -> list[SweepRow]:
     """edge-prism under token-latency budgets of ``cfg.latency_factors`` x its unconstrained p50."""
     out = []
-    base_system = "edge-prism+prefetch" if supports_prefetch() else "edge-prism"
+    base_system = "edge-prism+prefetch"
     for base in [r for r in rows if r.system == base_system and r.p50_ms]:
         reference = subject.resident(base.operating_point)
         for factor in cfg.latency_factors:

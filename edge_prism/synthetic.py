@@ -30,6 +30,7 @@ from edge_prism.build import ResidentStore
 from edge_prism.engine import Engine
 from edge_prism.errors import BudgetError, ConfigError
 from edge_prism.families import build_spec
+from edge_prism.kernels import FloatEmbedding, FloatLinear, FloatUnits
 from edge_prism.model import LayerWeights, Transformer, Weights, tied_head, transposed
 from edge_prism.spec import ModelSpec
 
@@ -203,26 +204,26 @@ class SyntheticModel:
 
         embed = self._randn(gen, s.vocab_size, D)
         if s.tie_word_embeddings:
-            embed, lm_head_t = tied_head(embed)
+            embed, lm_head = tied_head(embed)
         else:
-            lm_head_t = transposed(self._randn(gen, s.vocab_size, D))
+            embed, lm_head = FloatEmbedding(embed), FloatLinear(transposed(self._randn(gen, s.vocab_size, D)))
         norm_width = {"none": None, "head": (hd, hd), "full": (H * hd, Hk * hd)}[s.qk_norm]
         layers = []
         for f in s.ffn:
             lw = LayerWeights(
                 attn_norm=ones(D), ffn_norm=ones(D),
-                wqkv_t=transposed(self._randn(gen, (H + 2 * Hk) * hd, D)),
+                wqkv=FloatLinear(transposed(self._randn(gen, (H + 2 * Hk) * hd, D))),
                 bqkv=self._randn(gen, (H + 2 * Hk) * hd) if s.attention_bias else None,
-                wo_t=transposed(self._randn(gen, D, H * hd)),
+                wo=FloatLinear(transposed(self._randn(gen, D, H * hd))),
                 q_norm=ones(norm_width[0]) if norm_width else None,
                 k_norm=ones(norm_width[1]) if norm_width else None,
                 router=self._randn(gen, f.num_experts, D) if f.routed else None)
             if f.shared_width:
-                lw.shared_gu = self._randn(gen, 2 * f.shared_width, D)
-                lw.shared_down = self._randn(gen, D, f.shared_width)
+                lw.shared_gu = FloatLinear(transposed(self._randn(gen, 2 * f.shared_width, D)))
+                lw.shared_down = FloatLinear(transposed(self._randn(gen, D, f.shared_width)))
                 lw.shared_gate = self._randn(gen, 1, D)
             layers.append(lw)
-        return Weights(embed=embed, norm=ones(D), lm_head_t=lm_head_t, layers=layers)
+        return Weights(embed=embed, norm=ones(D), lm_head=lm_head, layers=layers)
 
     def _bias(self, f) -> torch.Tensor | None:
         if not f.routed or self.cfg.skew == 0:
@@ -313,7 +314,8 @@ class SyntheticModel:
     def resident_store(self) -> ResidentStore:
         """Every sub-expert on the device (on the CPU: views of the host blocks, no copy)."""
         layers = range(self.spec.num_layers)
-        return ResidentStore([self.host_blocks(layer).to(self.device) for layer in layers])
+        return ResidentStore([self.host_blocks(layer).to(self.device) for layer in layers],
+                             [self.units(layer) for layer in layers])
 
     def budget_bytes(self, memory_budget: str | int, k: int) -> int:
         """Bytes a ``memory_budget`` ('25%', '512MiB', a count, 'auto') stands for here."""
@@ -348,7 +350,8 @@ class SyntheticModel:
 
         full = self.full_operating_point()
         k = check_operating_point(operating_point or full, self.spec, self.parts)
-        kw = dict(parts=self.parts, dtype=self.dtype, device=self.device)
+        kw = dict(parts=self.parts, kernels=[FloatUnits() for _ in self.parts], dtype=self.dtype,
+                  device=self.device)
         if _HAS_ROUTER_BIAS:
             for lw, bias in zip(self.weights.layers, self.router_bias):
                 lw.router_bias = bias

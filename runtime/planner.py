@@ -27,9 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from edge_prism.model import block_ffn
+from edge_prism.kernels import block_ffn
 
 from .device import gpu_info, measure_h2d_bandwidth, synchronize
 
@@ -132,29 +131,27 @@ def _measure(model, device: torch.device) -> CostModel:
     overhead = _timed(lambda: dst.copy_(small, non_blocking=True), 20, device)
     if device.type == "cpu":
         overhead = max(overhead, 20e-6)  # a worker hand-off and a pread cost more than a memcpy
-    # Compute per unit: the biggest layer's block shape, P=1 and P=many, gathered from its pool.
-    layer = max(range(spec.num_layers), key=lambda i: model.store.pool(i)[0].numel())
-    pool = model.store.pool(layer)
+    # Compute per unit: the layer with the most sub-experts per token, through its own kernel
+    # on its own pool, P=1 and P=many.
+    layer = max(range(spec.num_layers), key=lambda i: spec.ffn[i].top_k * model.parts[i])
+    pool, kernel = model.store.pool(layer), model.kernels[layer]
     x = torch.randn(1, spec.hidden_size, device=device, dtype=model.dtype) * 0.1
-    many = min(pool.shape[0], max(2, spec.ffn[layer].top_k * model.parts[layer]))
+    many = min(model.store.capacity(layer), max(2, spec.ffn[layer].top_k * model.parts[layer]))
+    slots = torch.arange(many)
 
     def units(p: int):
-        blocks = pool[:p].to(model.dtype)
-        n = blocks.shape[2]
-        h = torch.matmul(x, blocks[:, :2].reshape(p, 2 * n, -1).transpose(1, 2))
-        act = F.silu(h[..., :n]) * h[..., n:]
-        return torch.matmul(blocks[:, 2].reshape(p, -1, n), act.transpose(1, 2)).sum(0)
+        return kernel(x, pool, slots[:p], torch.ones(p, 1, device=device, dtype=model.dtype))
 
     t1, tm = _timed(lambda: units(1), 10, device), _timed(lambda: units(many), 10, device)
     unit_s = max((tm - t1) / max(many - 1, 1), 1e-7)
     # Per-layer fixed work (attention over a short cache, norms, router) and the head.
     lw = model.w.layers[layer]
-    qkv = lambda: torch.matmul(torch.matmul(x, lw.wqkv_t)[:, : lw.wo_t.shape[0]], lw.wo_t)  # noqa: E731
-    fixed = _timed(qkv, 10, device) * 1.5  # attention matmuls, norms and router on top
-    head = _timed(lambda: torch.matmul(x, model.w.lm_head_t), 5, device)
+    q_width = spec.num_heads * spec.head_dim
+    fixed = _timed(lambda: lw.wo(lw.wqkv(x)[:, :q_width]), 10, device) * 1.5  # + attention, norms, router
+    head = _timed(lambda: model.w.lm_head(x), 5, device)
     host_unit_s = None
-    if device.type == "cuda":
-        # The same block math on the host CPU, from a host copy of one block.
+    if device.type == "cuda" and hasattr(model.store, "host_blocks") and isinstance(pool, torch.Tensor):
+        # The same block math on the host CPU, from a host copy of one float block.
         hb, hx = pool[:1].float().cpu(), x.float().cpu()
         host_unit_s = _timed(lambda: block_ffn(hx, hb, torch.ones(1, 1)), 10, torch.device("cpu"))
     return CostModel(device=device_name(device), h2d_bytes_per_s=bw, copy_overhead_s=overhead,

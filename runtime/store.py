@@ -11,7 +11,9 @@ of the slots are a cachetools-managed region (LRU or LFU).
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Callable, Collection, Sequence
 
@@ -110,17 +112,26 @@ TierFactory = Callable[[list[LayerBlocks], list[int], int], HostTier]
 """(layers of one block shape, byte offset of each block, bytes per block) -> host tier."""
 
 
-def prism_tiers(path, device: torch.device, *, host: str = "auto") -> TierFactory:
+def prism_tiers(path, device: torch.device, *, host: str = "auto", formats: dict | None = None,
+                backend=None) -> TierFactory:
     """Host tiers over a prism checkpoint's experts.safetensors.
 
     CPU device: the file itself (read with pread, so blocks outside the budget never sit in
     process memory). CUDA: every block in page-locked RAM when it fits (``host='auto'``),
     else the file through pinned staging buffers (``host='disk'`` forces this).
+
+    Quantized layers (``formats``: layer -> quant.UnitFormat) are stored in a portable
+    layout; each block is turned into ``backend``'s kernel layout on its way into a slot
+    (the file tier) or once at load (page-locked RAM).
     """
 
     def make(group: list[LayerBlocks], offsets: list[int], nbytes: int) -> HostTier:
         lb0 = group[0]
-        file_tier = FileTier(path, offsets, nbytes, lb0.dtype, lb0.block_shape)
+        file_tier: HostTier = FileTier(path, offsets, nbytes, lb0.dtype, lb0.block_shape)
+        fmts = [(formats or {}).get(lb.layer) for lb in group for _ in range(lb.units)]
+        if any(fmts):
+            file_tier = ConvertingTier(file_tier, [functools.partial(f.to_kernel, backend=backend)
+                                                   for f in fmts])
         if device.type != "cuda" or host == "disk":
             return file_tier
         total = len(offsets) * nbytes
@@ -134,6 +145,29 @@ def prism_tiers(path, device: torch.device, *, host: str = "auto") -> TierFactor
         return MemoryTier(pin(blocks))
 
     return make
+
+
+class ConvertingTier:
+    """A host tier whose blocks are converted on the way out (storage layout -> kernel layout).
+
+    Each reading thread reads into its own host buffer, then converts into the destination.
+    """
+
+    def __init__(self, tier: HostTier, converters: list[Callable[[torch.Tensor, torch.Tensor], None]]):
+        self.tier, self.converters = tier, converters
+        self._local = threading.local()
+
+    def read_into(self, index: int, dst: torch.Tensor) -> None:
+        """Block ``index`` into ``dst`` in the kernel's layout."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.shape != dst.shape:
+            buf = self._local.buf = torch.empty(dst.shape, dtype=dst.dtype)
+        self.tier.read_into(index, buf)
+        self.converters[index](buf, dst)
+
+    def close(self) -> None:
+        """Close the underlying tier."""
+        self.tier.close()
 
 
 class BudgetedStore:

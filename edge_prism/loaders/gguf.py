@@ -24,6 +24,8 @@ from edge_prism.errors import (
 )
 from edge_prism.loaders.base import RawCheckpoint
 from edge_prism.loaders.gguf_meta import GgufMeta
+from edge_prism.loaders.gguf_quant import is_quantized, to_qmatrix
+from edge_prism.quant import QMatrix
 from edge_prism.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -92,14 +94,18 @@ def load_gguf(path: Path) -> RawCheckpoint:
 
 
 class GgufTensors:
-    """The tensors of a GGUF file under Hugging Face Llama names, dequantized on demand.
+    """The tensors of a GGUF file under Hugging Face names: dequantized on demand (``get``),
+    or kept in their bits (``quantized``).
 
     ``get`` returns a new float32 tensor that owns its memory: quantized data has to be
     expanded anyway, and the reader's read-only mmap must never back a writable torch tensor.
+    ``conversions`` records every tensor whose type had to be converted to a supported
+    format (name -> (ggml type, relative error against the file's own values)).
     """
 
     def __init__(self, path: Path, by_name: dict, config: dict) -> None:
         self._path = path
+        self.conversions: dict[str, tuple[str, float]] = {}
         self._heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
         self._tensors = {}
         for gguf_name, tensor in by_name.items():
@@ -138,6 +144,23 @@ class GgufTensors:
         if not values.flags.writeable:  # F32 data is still a view of the read-only mmap
             values = values.copy()
         return torch.from_numpy(np.ascontiguousarray(values))
+
+    def quantized(self, name: str) -> QMatrix | None:
+        """``name`` as a QMatrix of its HF shape, or None for float tensors (and 1-D ones)."""
+        tensor = self._reader_tensor(name)
+        shape = self.shape(name)
+        if not is_quantized(tensor.tensor_type) or len(shape) != 2:
+            return None
+        qm, err = to_qmatrix(tensor.data, tensor.tensor_type, shape)
+        if err and name not in self.conversions:
+            self.conversions[name] = (tensor.tensor_type.name, err)
+            logger.info("%s: %s stored as %s, converted to %s (relative error %.2e)", self._path, name,
+                        tensor.tensor_type.name, qm.kind, err)
+        projection = name.rsplit(".", 2)[-2]
+        if projection in self._heads:
+            index = np.arange(shape[0])[:, None]
+            qm = qm.take_rows(torch.from_numpy(_unpermute_rope(index, self._heads[projection])[:, 0].copy()))
+        return qm
 
     def _reader_tensor(self, name: str):
         try:

@@ -3,10 +3,13 @@
     prism.json            manifest: format version, source and its hash, family + config,
                           sub-experts per expert, gate kinds, default operating point,
                           calibration and solver figures, file sizes and sha256 checksums
-    dense.safetensors     every always-resident weight, Hugging Face names
-    experts.safetensors   per layer one tensor [E*S, 3, n, D]: each sub-expert one contiguous
-                          block (gate rows, up rows, down columns as [D, n]), hottest first;
-                          ``layers.L.order`` [E*S] gives the unit id (e*S+s) at each position
+    dense.safetensors     every always-resident weight, Hugging Face names; a quantized one as
+                          ``NAME.qcodes`` / ``NAME.qsz`` / ``NAME.qmeta`` (quant.QMatrix)
+    experts.safetensors   per layer one tensor: each sub-expert one contiguous block, hottest
+                          first; float [E*S, 3, n, D] (gate rows, up rows, down columns as
+                          [D, n]) or, quantized, bytes [E*S, B] (quant.UnitFormat, recorded
+                          in the manifest's "quant" entry); ``layers.L.order`` [E*S] gives
+                          the unit id (e*S+s) at each position
     gates.safetensors     per layer: neuron permutation [E, W], sub-expert gates (proxy and
                           linear), activation profile (selection frequency [E*S])
     quality.json          measured perplexity per operating point (written by eval)
@@ -39,6 +42,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from edge_prism.quant import QMatrix, UnitFormat
 from edge_prism.errors import (ConfigError, CorruptCheckpointError, FileAccessError, OutputBusyError,
                                PrismCheckpointError)
 from edge_prism.loaders.safetensors_mmap import SafetensorsFile, SafetensorsSource
@@ -51,7 +55,7 @@ except ImportError:  # Windows
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: W_down columns stored [D, n] in each block
+FORMAT_VERSION = 3  # 2: W_down columns stored [D, n] in each block; 3: quantized blocks and weights
 MANIFEST = "prism.json"
 DENSE, EXPERTS, GATES, QUALITY = "dense.safetensors", "experts.safetensors", "gates.safetensors", "quality.json"
 
@@ -499,6 +503,74 @@ class PrismCheckpoint:
         except json.JSONDecodeError:
             raise PrismCheckpointError(f"{q}: not valid JSON; delete it and run edge-prism eval again") from None
 
+    def unit_format(self, layer: int) -> UnitFormat | None:
+        """How ``layer``'s quantized blocks are laid out (None: float blocks)."""
+        rec = (self.manifest.get("quant") or {}).get("layers") or []
+        return UnitFormat.from_record(rec[layer]) if layer < len(rec) and rec[layer] else None
+
+    @property
+    def dense_source(self) -> "QuantizedDenseSource":
+        """The always-resident weights as a TensorSource that also yields quantized ones."""
+        return QuantizedDenseSource(self.dense)
+
+    def unit_matrices(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every sub-expert's W_gate rows [U, n, D], W_up rows [U, n, D] and W_down columns
+        [U, D, n] as float32, in unit-id order (quantized blocks dequantized)."""
+        blocks, order = self.blocks(layer), self.order(layer).long()
+        fmt = self.unit_format(layer)
+        U = order.numel()
+        pos = torch.empty(U, dtype=torch.long)
+        pos[order] = torch.arange(U)
+        if fmt is None:
+            b = blocks[pos].float()  # [U, 3, n, D]
+            n, D = b.shape[2], b.shape[3]
+            return b[:, 0], b[:, 1], b[:, 2].reshape(U, D, n)
+        gate, up, down = [], [], []
+        for p in pos.tolist():
+            gu, dn = fmt.split(blocks[p])
+            w = gu.dequantize()  # [2n, D]
+            gate.append(w[: fmt.n])
+            up.append(w[fmt.n:])
+            down.append(dn.dequantize())  # [D, n]
+        return torch.stack(gate), torch.stack(up), torch.stack(down)
+
+
+def qmatrix_tensors(name: str, qm: QMatrix) -> dict[str, torch.Tensor]:
+    """The tensors a quantized always-resident weight is stored as in dense.safetensors."""
+    return {f"{name}.qcodes": qm.codes, f"{name}.qsz": qm.sz,
+            f"{name}.qmeta": torch.tensor([qm.rows, qm.planes], dtype=torch.int64)}
+
+
+class QuantizedDenseSource:
+    """dense.safetensors as a TensorSource under Hugging Face names: quantized weights are
+    found by ``quantized(name)`` and read as floats (dequantized) by ``get(name)``."""
+
+    def __init__(self, source: SafetensorsSource):
+        self.source = source
+        self._q = {n[: -len(".qcodes")] for n in source.names() if n.endswith(".qcodes")}
+
+    def names(self) -> list[str]:
+        """All weight names (quantized ones without their suffixes)."""
+        return [n for n in self.source.names() if not n.endswith((".qcodes", ".qsz", ".qmeta"))] + sorted(self._q)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of ``name`` as the model sees it."""
+        if name in self._q:
+            rows = int(self.source.get(f"{name}.qmeta")[0])
+            return (rows, self.source.shape(f"{name}.qcodes")[2])
+        return self.source.shape(name)
+
+    def quantized(self, name: str) -> QMatrix | None:
+        """``name`` in storage form (views on the mapping), or None for a float weight."""
+        if name not in self._q:
+            return None
+        rows, planes = (int(v) for v in self.source.get(f"{name}.qmeta"))
+        return QMatrix(self.source.get(f"{name}.qcodes"), self.source.get(f"{name}.qsz"), rows, planes)
+
+    def get(self, name: str) -> torch.Tensor:
+        """``name`` as a float tensor (quantized weights dequantized)."""
+        q = self.quantized(name)
+        return q.dequantize() if q is not None else self.source.get(name)
 
 def open_prism(path: Path, *, check_source: bool = True) -> PrismCheckpoint:
     """Open and check a prism checkpoint; clear errors for damaged, foreign or stale ones.

@@ -18,7 +18,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from edge_prism.build import (TensorReader, expected_shapes, expert_matrices, expert_names_shapes,
-                              pack_expert)
+                              expert_qmatrices, pack_expert)
+from edge_prism.families import FAMILIES
+from edge_prism.quant import (DEFAULT_GROUP, GROUP_SIZES, QUANT_KINDS, Int4Backend, QMatrix, UnitFormat, kind_of,
+                              planes_of, relative_error)
 from edge_prism.errors import ConfigError, TokenizerError
 from edge_prism.families import build_spec
 from edge_prism.prefetch.predictor import RegressionStats, fit_correction
@@ -27,7 +30,7 @@ from edge_prism.refactor import gates as gatelib
 from edge_prism.refactor.corpus import stdlib_text
 from edge_prism.refactor.partition import (SOLVERS, group_size_ok, partition, partition_objective,
                                            permutation_from_groups)
-from edge_prism.refactor.prism import (check_out_dir, estimate_prism_bytes, file_stats, hash_files, is_prism,
+from edge_prism.refactor.prism import (qmatrix_tensors, check_out_dir, estimate_prism_bytes, file_stats, hash_files, is_prism,
                                          output_lock, write_prism)
 from edge_prism.spec import ModelSpec
 
@@ -36,6 +39,13 @@ log = logging.getLogger(__name__)
 # Measured on the default model (held-out stdlib docstrings, K=12 of 16): linear x1.35 of
 # full perplexity, proxy x1.79 (oracle x1.25); the lower one is the default.
 DEFAULT_GATE = "linear"
+
+QUANT_HELP = (
+    "auto (the default): a quantized source (GGUF) keeps its precision class per matrix (Q4 types "
+    "int4, Q5/Q6/Q8 int8; W_gate/W_up rows move whole, exactly; W_down's groups are rebuilt per "
+    "sub-expert), a float source becomes int4 in groups of --group-size (embeddings and lm_head "
+    "int8); none: float blocks and weights (exact, 4-8x the bytes); int8 / int4: that precision "
+    "for every expert and attention weight")
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,8 @@ class RefactorConfig:
     seq_len: int = 512
     keep_fraction: float = 0.75  # the operating point the solver tunes for: keep 3N/4 parts
     default_gate: str = DEFAULT_GATE
+    quant: str = "auto"  # auto | none | int8 | int4, see QUANT_HELP
+    group_size: int = DEFAULT_GROUP  # values per (scale, zero) when quantizing float weights
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
@@ -62,6 +74,11 @@ class RefactorConfig:
             raise ConfigError(f"invalid sub_experts {self.sub_experts}: use 1 or more")
         if self.default_gate not in gatelib.GATE_KINDS:
             raise ConfigError(f"invalid gate '{self.default_gate}': use one of {', '.join(gatelib.GATE_KINDS)}")
+        if self.quant not in ("auto",) + QUANT_KINDS:
+            raise ConfigError(f"invalid --quant '{self.quant}': use auto, {', '.join(QUANT_KINDS)}")
+        if self.group_size not in GROUP_SIZES:
+            raise ConfigError(f"invalid --group-size {self.group_size}: use one of "
+                              f"{', '.join(map(str, GROUP_SIZES))}")
 
 
 @dataclass
@@ -188,6 +205,9 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
     parts = parts_for(spec, cfg.sub_experts)
     cpu = torch.device("cpu")
     reader = TensorReader(raw.tensors, path, dtype=torch.float32, device=cpu)
+    # The same tensors in their stored bits, where the source is quantized (GGUF).
+    qreader = TensorReader(raw.tensors, path, dtype=torch.float32, device=cpu, backend=Int4Backend(cpu))
+    formats = [_unit_format(spec, qreader, layer, parts[layer], cfg) for layer in range(spec.num_layers)]
     model_ = build_plain(spec, reader, dtype=torch.float32, device=cpu)
     ids = calibration_ids(raw.tokenizer, cfg)
 
@@ -202,15 +222,16 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
 
     store_dtype = raw.tensors.get(next(iter(expert_names_shapes(spec, 0)))).dtype
     experts, gates, objective = {}, {}, {s: 0.0 for s in ("contiguous", cfg.solver)}
+    errors: dict[str, list[float]] = {"gate_up": [], "down": []}
     threads = torch.get_num_threads()
     # The solver's per-swap tensor ops are too small to split: extra threads only contend.
     torch.set_num_threads(1)
     try:
         for layer in tqdm(range(spec.num_layers), desc=f"partitioning ({cfg.solver})", unit="layer",
                           disable=not progress):
-            blocks, order, layer_gates, obj = _refactor_layer(spec, reader, collector, layer,
-                                                              parts[layer], cfg)
-            experts[f"layers.{layer}.blocks"] = blocks.to(store_dtype)
+            blocks, order, layer_gates, obj = _refactor_layer(spec, reader, qreader, collector, layer,
+                                                              parts[layer], cfg, formats[layer], errors)
+            experts[f"layers.{layer}.blocks"] = blocks if formats[layer] else blocks.to(store_dtype)
             experts[f"layers.{layer}.order"] = order
             gates.update({f"layers.{layer}.{k}": v for k, v in layer_gates.items()})
             for k, v in obj.items():
@@ -225,7 +246,8 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
 
     dense_names = set(expected_shapes(spec)) - {n for layer in range(spec.num_layers)
                                                  for n in expert_names_shapes(spec, layer)}
-    dense = {name: raw.tensors.get(name).to(store_dtype) for name in sorted(dense_names)}
+    dense = _dense_tensors(spec, raw, qreader, sorted(dense_names), cfg, store_dtype,
+                           quantized=any(formats) or cfg.quant in ("int4", "int8"), errors=errors)
     files = [Path(f).resolve() for f in raw.files]
     manifest = {
         "source": {"path": str(path.resolve()), "files": [str(f) for f in files],
@@ -243,11 +265,99 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
                    "objective_per_token": objective},
         "tokenizer": _tokenizer_files(path),
         "refactor_config": config_record(cfg),
+        "quant": {"mode": cfg.quant, "layers": [f.record() if f else None for f in formats],
+                  "relative_error": {k: (sum(v) / len(v) if v else 0.0) for k, v in errors.items()},
+                  "source_conversions": {k: list(v) for k, v in
+                                         sorted(getattr(raw.tensors, "conversions", {}).items())}},
     }
     write_prism(out, manifest=manifest, dense=dense, experts=experts, gates=gates, force=force,
                 extra=raw.tokenizer.save)
     return RefactorReport(out=out, seconds=time.perf_counter() - start, calib_tokens=collector.tokens,
                           objective=objective)
+
+
+def _unit_format(spec: ModelSpec, qreader: TensorReader, layer: int, parts: int,
+                 cfg: RefactorConfig) -> UnitFormat | None:
+    """How ``layer``'s sub-expert blocks are stored (None: float), per --quant (QUANT_HELP)."""
+    if cfg.quant == "none":
+        return None
+    f = spec.ffn[layer]
+    n, D = f.width // parts, spec.hidden_size
+    source = expert_qmatrices(spec, qreader, layer, 0)
+    if cfg.quant == "auto" and source is not None:
+        gate, up, down = source
+        fmt = UnitFormat(n, D, max(gate.planes, up.planes), down.planes, gate.group)
+    else:
+        kind = "int4" if cfg.quant == "auto" else cfg.quant
+        group = cfg.group_size if source is None else source[0].group
+        fmt = UnitFormat(n, D, planes_of(kind), planes_of(kind), group)
+    if n % fmt.group or D % fmt.group:
+        if cfg.quant == "auto":
+            log.warning("layer %d: sub-experts of %d neurons (hidden %d) do not split into quantization "
+                        "groups of %d; its blocks stay float", layer, n, D, fmt.group)
+            return None
+        raise ConfigError(f"--quant {cfg.quant}: layer {layer}'s sub-experts have {n} neurons and hidden size "
+                          f"{D}, not multiples of the quantization group {fmt.group}; use --quant none, a "
+                          "smaller --group-size, or fewer --sub-experts")
+    return fmt
+
+
+def quantized_parts(wg: torch.Tensor, wu: torch.Tensor, wd_t: torch.Tensor, parts: int, perm: torch.Tensor,
+                    fmt: UnitFormat, source: tuple[QMatrix, QMatrix, QMatrix] | None,
+                    errors: dict[str, list[float]]) -> torch.Tensor:
+    """One expert's quantized sub-expert blocks [S, nbytes].
+
+    W_gate / W_up: a part's rows are whole rows of the source, and their groups run along
+    the hidden dimension, so a quantized source's rows are taken as they are (exact). W_down:
+    a part's columns are scattered over the source's groups (they run along the neurons, and
+    the permutation moves neurons), so each part's [D, n] matrix is quantized again in
+    groups of its own neurons; the error against the source's values is recorded.
+    """
+    n = wg.shape[0] // parts
+    out = torch.empty(parts, fmt.nbytes, dtype=torch.uint8)
+    gu_kind, dn_kind = kind_of(fmt.gu_planes), kind_of(fmt.dn_planes)
+    reuse = source is not None and all(q.group == fmt.group and q.planes <= fmt.gu_planes for q in source[:2])
+    for s in range(parts):
+        idx = perm[s * n:(s + 1) * n]
+        if reuse:
+            gu = QMatrix.cat_rows([source[0].take_rows(idx), source[1].take_rows(idx)]).with_planes(fmt.gu_planes)
+        else:
+            gu = QMatrix.quantize(torch.cat((wg[idx], wu[idx])), gu_kind, fmt.group)
+            errors["gate_up"].append(relative_error(gu.dequantize(), torch.cat((wg[idx], wu[idx]))))
+        down = wd_t[idx].t()  # [D, n]
+        dn = QMatrix.quantize(down, dn_kind, fmt.group)
+        errors["down"].append(relative_error(dn.dequantize(), down))
+        out[s] = fmt.pack_block(gu, dn)
+    return out
+
+
+def _dense_tensors(spec: ModelSpec, raw, qreader: TensorReader, names: list[str], cfg: RefactorConfig,
+                   store_dtype: torch.dtype, *, quantized: bool, errors: dict[str, list[float]]) -> dict:
+    """The always-resident tensors to store: quantized ones keep their bits (or, from a float
+    source with --quant int4/int8/auto, every projection is quantized: attention and shared
+    experts at the chosen kind, embeddings and lm_head at int8), the rest as floats."""
+    shapes = expected_shapes(spec)
+    fam = FAMILIES[spec.family].names
+    keep_float = {fam.router.format(l=layer) for layer in range(spec.num_layers)}
+    if fam.shared_gate:
+        keep_float |= {fam.shared_gate.format(l=layer) for layer in range(spec.num_layers)}
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        shape = shapes[name]
+        q = qreader.quantized(name, shape) if quantized and name not in keep_float else None
+        if q is None and quantized and cfg.quant != "none" and len(shape) == 2 and name not in keep_float:
+            kind = "int4" if cfg.quant == "auto" else cfg.quant
+            if name in ("model.embed_tokens.weight", "lm_head.weight"):
+                kind = "int8"
+            if shape[1] % cfg.group_size == 0 and not hasattr(raw.tensors, "quantized"):
+                w = raw.tensors.get(name).float()
+                q = QMatrix.quantize(w, kind, cfg.group_size)
+                errors.setdefault("dense", []).append(relative_error(q.dequantize(), w))
+        if q is not None:
+            out.update(qmatrix_tensors(name, q))
+        else:
+            out[name] = raw.tensors.get(name).to(store_dtype)
+    return out
 
 
 def config_record(cfg: RefactorConfig) -> dict:
@@ -261,12 +371,13 @@ def _tokenizer_files(path: Path) -> str:
     return "gguf" if path.suffix == ".gguf" else "hf"
 
 
-def _refactor_layer(spec: ModelSpec, reader: TensorReader, col: _Collector, layer: int, parts: int,
-                    cfg: RefactorConfig):
+def _refactor_layer(spec: ModelSpec, reader: TensorReader, qreader: TensorReader, col: _Collector, layer: int,
+                    parts: int, cfg: RefactorConfig, fmt: UnitFormat | None, errors: dict[str, list[float]]):
     f = spec.ffn[layer]
     n, D = f.width // parts, spec.hidden_size
     keep = max(1, math.ceil(cfg.keep_fraction * parts))
-    blocks = torch.empty(f.num_experts * parts, 3, n, D)
+    blocks = (torch.empty(f.num_experts * parts, 3, n, D) if fmt is None
+              else torch.empty(f.num_experts * parts, fmt.nbytes, dtype=torch.uint8))
     freq = torch.zeros(f.num_experts * parts)
     perms = torch.empty(f.num_experts, f.width, dtype=torch.int64)
     proxy_rows = []
@@ -296,7 +407,11 @@ def _refactor_layer(spec: ModelSpec, reader: TensorReader, col: _Collector, laye
         relabel[order] = torch.arange(parts)
         groups = relabel[groups]  # part ids, 0 = hottest
         perms[e] = perm
-        blocks[e * parts:(e + 1) * parts] = pack_expert(wg, wu, wd, parts, perm)
+        if fmt is None:
+            blocks[e * parts:(e + 1) * parts] = pack_expert(wg, wu, wd, parts, perm)
+        else:
+            source = expert_qmatrices(spec, qreader, layer, e)
+            blocks[e * parts:(e + 1) * parts] = quantized_parts(wg, wu, wd, parts, perm, fmt, source, errors)
         proxy = gatelib.fit_proxy_gate(acts, wg, wu, groups, parts, neurons_per_group=cfg.gate_neurons)
         linear = gatelib.fit_linear_gate(x, acts, groups, parts)
         proxy_rows.append(proxy.rows)
