@@ -176,7 +176,8 @@ def prism_of(tiny_checkpoint, tmp_path_factory):
     from edge_prism.refactor.refactor import RefactorConfig, refactor
 
     built: dict[str, Path] = {}
-    fast = dict(calib_tokens=384, rows_per_expert=256, seq_len=128)
+    # Float blocks unless a test asks for quantization: these checkpoints test exactness.
+    fast = dict(calib_tokens=384, rows_per_expert=256, seq_len=128, quant="none")
 
     def make(family: str, solver: str = "anneal", **kw) -> Path:
         key = json.dumps([family, solver, kw], sort_keys=True)

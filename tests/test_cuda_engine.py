@@ -70,3 +70,53 @@ def test_cuda_latency_budget_degrades(prism_of, min_budget):
     engine = edge_prism.load(path, device="cuda", memory_budget=min_budget(path), token_latency_ms=0.001)
     engine.generate_ids(PROMPT, max_new_tokens=6)
     assert engine.stats["dropped_subexperts"] > 0
+
+
+# -- quantized weights on the device (edge_prism.quant) ----------------------------------------
+def _sm80() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+@pytest.mark.skipif(not _sm80(), reason="torch's CUDA int4 kernel needs compute capability 8.0+")
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("rows,cols,tokens", [(64, 64, 1), (576, 96, 1), (100, 192, 5)])
+def test_cuda_int4_kernel_matches_reference(kind, rows, cols, tokens):
+    from edge_prism.quant import CudaInt4Backend, QMatrix, backend_for
+
+    backend = backend_for(torch.device("cuda"))
+    assert isinstance(backend, CudaInt4Backend), backend.name
+    gen = torch.Generator().manual_seed(0)
+    qm = QMatrix.quantize(torch.randn(rows, cols, generator=gen), kind)
+    x = torch.randn(tokens, cols, generator=gen)
+    want = x.to(torch.bfloat16).float() @ qm.dequantize().t()
+    got = backend.mm(x.cuda().to(torch.bfloat16), backend.pack(qm)).float().cpu()
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-2 * float(want.abs().max()))
+
+
+@pytest.mark.skipif(not _sm80(), reason="torch's CUDA int4 kernel needs compute capability 8.0+")
+def test_cuda_quantized_slots_match_the_cpu(tmp_path):
+    """A quantized sub-expert block converted into a CUDA slot computes what the CPU computes."""
+    from edge_prism.kernels import QuantUnits
+    from edge_prism.quant import QMatrix, UnitFormat, backend_for
+
+    fmt = UnitFormat(n=32, hidden=64, gu_planes=1, dn_planes=2, group=32)
+    gen = torch.Generator().manual_seed(1)
+    block = fmt.pack_block(QMatrix.quantize(torch.randn(64, 64, generator=gen), "int4"),
+                           QMatrix.quantize(torch.randn(64, 32, generator=gen), "int8"))
+    x = torch.randn(2, 64, generator=gen)
+    outs = []
+    for device in ("cpu", "cuda"):
+        backend = backend_for(torch.device(device))
+        pool = torch.empty(1, fmt.nbytes, dtype=torch.uint8, device=device)
+        fmt.to_kernel(block, pool[0], backend)
+        y = QuantUnits(fmt, backend)(x.to(device), pool, torch.tensor([0]), torch.ones(1, 2, device=device))
+        outs.append(y.float().cpu())
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=3e-2 * float(outs[0].abs().max()))
+
+
+def test_gguf_model_stays_quantized_on_cuda(default_model_path):
+    engine = edge_prism.load(default_model_path, device="cuda")
+    ref = edge_prism.load(default_model_path, dequantize=True)
+    ids = ref.tokenizer.encode("The history of computing is a story of machines")
+    a, b = engine.logits(ids), ref.logits(ids)
+    assert float((a - b).norm() / b.norm()) < 0.05

@@ -71,7 +71,7 @@ def test_full_k_export_reproduces_edge_prism(family, exported):
     prism, out = exported(family)
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == [TARGET[family]]
-    engine = edge_prism.load(prism, device="cpu", dtype="float32")
+    engine = edge_prism.load(prism, device="cpu", dtype="float32", dequantize=True)
     ids = _ids(engine)
     want = engine.logits(ids)  # [T, V]
     got = _hf_logits(_hf(out), ids)
@@ -88,7 +88,7 @@ def test_full_k_router_copies_the_parent_row_per_part(family, exported):
     import edge_prism
 
     prism, out = exported(family)
-    engine = edge_prism.load(prism, device="cpu", dtype="float32")
+    engine = edge_prism.load(prism, device="cpu", dtype="float32", dequantize=True)
     f = engine.spec.ffn[0]
     config = json.loads((out / "config.json").read_text())
     assert config["num_experts_per_tok"] == f.top_k * SUB_EXPERTS
@@ -114,7 +114,7 @@ def test_default_model_full_k_export_reproduces_edge_prism(tmp_path):
     out = tmp_path / "default.hf"
     report = export(prism, out, ExportConfig(dtype="float32"))
     assert report.exact and report.target == "mixtral"
-    engine = edge_prism.load(prism, device="cpu", dtype="float32")
+    engine = edge_prism.load(prism, device="cpu", dtype="float32", dequantize=True)
     ids = engine.tokenizer.encode(stdlib_text("eval"), add_bos=False)[:128]
     assert _rel(_hf_logits(_hf(out), ids), engine.logits(ids)) < 1e-3
 
@@ -125,7 +125,7 @@ def test_three_quarter_k_export_loads_and_reports_its_agreement(family, exported
     import edge_prism
 
     prism, _ = exported(family)
-    engine = edge_prism.load(prism, device="cpu", dtype="float32")
+    engine = edge_prism.load(prism, device="cpu", dtype="float32", dequantize=True)
     f = next(f for f in engine.spec.ffn if f.routed or not engine.spec.is_moe)
     k = 3 * f.top_k * SUB_EXPERTS // 4
     _, out = exported(family, k=k)
@@ -174,7 +174,7 @@ def test_export_is_sharded_with_an_index_and_loads(exported):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and sorted(p.name for p in out.glob("*.safetensors")) == shards
-    engine = edge_prism.load(prism, device="cpu", dtype="float32")
+    engine = edge_prism.load(prism, device="cpu", dtype="float32", dequantize=True)
     ids = _ids(engine)
     assert _rel(_hf_logits(_hf(out), ids), engine.logits(ids)) < 1e-3
 

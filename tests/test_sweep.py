@@ -14,7 +14,7 @@ from edge_prism.errors import BudgetError
 from edge_prism.runtime.store import BudgetedStore, LayerBlocks
 from edge_prism.runtime.transfer import MemoryTier
 from edge_prism.sweep import (COLUMNS, ExpertLRUStore, SubExpertLRUStore, format_table, main, plot, read_csv,
-                              run_sweep, supports_prefetch, write_csv)
+                              run_sweep, write_csv)
 from edge_prism.synthetic import SyntheticConfig
 
 TINY = dict(model_type="olmoe", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -46,8 +46,7 @@ def by_key(rows):
 
 
 def budgeted_systems() -> list[str]:
-    return ["edge-prism", "subexpert-lru", "expert-lru", "bound"] + (
-        ["edge-prism+prefetch"] if supports_prefetch() else [])
+    return ["edge-prism", "subexpert-lru", "expert-lru", "bound", "edge-prism+prefetch"]
 
 
 # -- rows, CSV and plot ------------------------------------------------------------------------
