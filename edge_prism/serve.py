@@ -574,7 +574,9 @@ class Metrics:
     """Server figures for /metrics: counters over requests, the last request's engine.stats."""
 
     requests: collections.Counter = field(default_factory=collections.Counter)  # (endpoint, status)
-    totals: dict = field(default_factory=dict)
+    # Token counters are there from the start (at 0); the runtime's once it reports them.
+    totals: dict = field(default_factory=lambda: dict.fromkeys(
+        ("generated_tokens", "prompt_tokens", "reused_prompt_tokens"), 0))
     last: dict = field(default_factory=dict)
     cancelled: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)

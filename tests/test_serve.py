@@ -239,15 +239,16 @@ def test_concurrent_clients_get_their_own_replies(server, engine):
 
 # -- the queue and disconnects ------------------------------------------------------------------
 @contextlib.contextmanager
-def long_stream(server: Server) -> Iterator[None]:
-    """A streamed request that runs while the block runs, its first token already received."""
+def long_stream(server: Server) -> Iterator[Iterator[str]]:
+    """A streamed request that runs while the block runs, its first token already received;
+    yields the rest of its lines."""
     body = {"messages": HELLO, "max_tokens": LONG, "temperature": 0, "stream": True}
     with httpx.Client(timeout=60) as client, client.stream("POST", server.url + CHAT, json=body) as response:
         assert response.status_code == 200
         lines = response.iter_lines()  # kept open: dropping it would close the connection
         while '"content":""' in next(line for line in lines if line.startswith("data: ")):
             pass  # the role chunk; the next data line carries a token
-        yield
+        yield lines
     # leaving closes the connection: the client is gone mid-reply
 
 
@@ -351,6 +352,20 @@ def test_metrics_are_prometheus_text(server):
 
 
 # -- the command line ---------------------------------------------------------------------------
+def test_sigterm_stops_the_server_and_tells_a_streaming_client(model_dir, tmp_path):
+    srv = start_server(model_dir, tmp_path / "server.log")
+    try:
+        with long_stream(srv) as lines:
+            srv.proc.terminate()
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert srv.proc.wait(30) == 130  # the orderly stop Ctrl-C gives
+    finally:
+        stop_server(srv.proc)
+    assert json.loads(rest[-2].removeprefix("data: "))["error"]["code"] == "shutting_down"
+    assert rest[-1] == "data: [DONE]"
+    assert "Traceback" not in srv.log.read_text()
+
+
 def test_missing_extra_is_one_error_line(tmp_path):
     """Without the ASGI stack, `import edge_prism` works and serve says how to install it."""
     code = ("import sys; sys.modules.update(starlette=None, uvicorn=None); import edge_prism, edge_prism.serve; "
