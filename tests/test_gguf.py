@@ -366,9 +366,11 @@ def test_other_architecture_is_unsupported(tmp_path, tiny_weights):
     assert str(path) in message and "'qwen2'" in message and "llama" in message
 
 
-def test_moe_llama_file_is_unsupported(tmp_path, tiny_weights):
-    path = write_tiny_gguf(tmp_path / "moe.gguf", tiny_weights, extra_meta=lambda w: w.add_expert_count(8))
-    with pytest.raises(UnsupportedModelError, match="expert_count"):
+def test_expert_count_without_expert_tensors_is_refused(tmp_path, tiny_weights):
+    # MoE files themselves: tests/test_moe_gguf.py.
+    meta = lambda w: (w.add_expert_count(8), w.add_expert_used_count(2))  # noqa: E731
+    path = write_tiny_gguf(tmp_path / "moe.gguf", tiny_weights, extra_meta=meta)
+    with pytest.raises(CorruptCheckpointError, match="no expert tensors"):
         load_gguf(path)
 
 

@@ -1,7 +1,15 @@
-"""Load a llama.cpp GGUF file: HF-style config, lazily dequantized tensors under HF names, tokenizer.
+"""Load a llama.cpp GGUF file: HF-style config, tensors under HF names (kept quantized or
+dequantized on demand), tokenizer.
 
-GGUF file --GGUFReader (mmap)--> metadata -> config, tokenizer
-                                 tensors  -> get(name): dequantize -> un-permute q/k -> float32 [HF shape]
+GGUF file --GGUFReader (mmap)--> metadata -> config (from the file's keys, never guessed), tokenizer
+                                 tensors  -> HF names: one GGUF expert tensor [E, rows, cols] becomes
+                                             E per-expert entries (slices of whole quantization rows)
+                                          -> quantized(name): QMatrix | get(name): float32 [HF shape]
+
+Architectures: ``llama`` (dense, or Mixtral when ``llama.expert_count`` is set), ``qwen2moe``,
+``qwen3moe``, ``olmoe``. What llama.cpp does not read from the file but fixes per
+architecture (top-k weight normalisation, q/k permutation) follows llama.cpp's own model
+builders (src/models/*.cpp), the reference for GGUF files: ARCHITECTURES below.
 """
 
 from __future__ import annotations
@@ -9,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -30,7 +39,23 @@ from edge_prism.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+@dataclass(frozen=True)
+class _Arch:
+    """What one GGUF architecture means, as llama.cpp's model builder for it defines it."""
+
+    permute_qk: bool  # the converter permuted q/k rows for llama.cpp's "normal" rope
+    norm_topk: bool  # build_moe_ffn's norm_w: top-k router weights renormalised
+    qk_norm: str  # "none" | "head" | "full"
+    families: tuple[str, str]  # HF model_type of a dense file, of a MoE file
+
+
+ARCHITECTURES: dict[str, _Arch] = {
+    "llama": _Arch(permute_qk=True, norm_topk=True, qk_norm="none", families=("llama", "mixtral")),
+    "qwen2moe": _Arch(permute_qk=False, norm_topk=False, qk_norm="none", families=("qwen2_moe", "qwen2_moe")),
+    "qwen3moe": _Arch(permute_qk=False, norm_topk=True, qk_norm="head", families=("qwen3_moe", "qwen3_moe")),
+    "olmoe": _Arch(permute_qk=False, norm_topk=False, qk_norm="full", families=("olmoe", "olmoe")),
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 _GGUF_MAGIC = b"GGUF"
 
@@ -51,6 +76,10 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+_LAYER_NAMES.update({
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+})
 _LAYER_BIASES = {
     "attn_q.bias": "self_attn.q_proj.bias",
     "attn_k.bias": "self_attn.k_proj.bias",
@@ -79,18 +108,24 @@ def load_gguf(path: Path) -> RawCheckpoint:
             f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)}); "
             "use the model's Hugging Face checkpoint directory instead"
         )
-    if meta.get(f"{arch}.expert_count", 0):
-        raise UnsupportedModelError(
-            f"{path}: MoE GGUF files ({arch}.expert_count={meta.get(f'{arch}.expert_count')}) are not supported "
-            "by the GGUF loader yet; use the model's Hugging Face checkpoint directory"
-        )
     by_name = {tensor.name: tensor for tensor in reader.tensors}
-    config = _llama_config(meta, by_name, path)
-    tensors = GgufTensors(path, by_name, config)
+    config = _config(meta, by_name, path, arch)
+    tensors = GgufTensors(path, by_name, config, ARCHITECTURES[arch])
+    _check_shapes(path, config, tensors)
     tokenizer = Tokenizer.from_gguf(reader, path) if "tokenizer.ggml.model" in reader.fields else None
     if tokenizer is None:
         logger.warning("%s has no tokenizer metadata; only token ids can be used with it", path)
     return RawCheckpoint(path=path, config=config, tensors=tensors, tokenizer=tokenizer, files=[path])
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """Where an HF-named tensor lives: a GGUF tensor, one expert of it, some of its rows."""
+
+    tensor: object  # gguf ReaderTensor
+    expert: int | None = None  # index along a GGUF expert tensor's outer dimension
+    rows: tuple[int, int] | None = None  # a row range (the halves of a merged gate/up tensor)
+    shape: tuple[int, ...] | None = None  # the HF shape when it is not the GGUF shape reversed
 
 
 class GgufTensors:
@@ -103,21 +138,25 @@ class GgufTensors:
     format (name -> (ggml type, relative error against the file's own values)).
     """
 
-    def __init__(self, path: Path, by_name: dict, config: dict) -> None:
+    def __init__(self, path: Path, by_name: dict, config: dict, arch: _Arch) -> None:
+        from edge_prism.families import FAMILIES
+
         self._path = path
         self.conversions: dict[str, tuple[str, float]] = {}
-        self._heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-        self._tensors = {}
+        self._heads = {}
+        if arch.permute_qk:
+            self._heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+        names = FAMILIES[config["model_type"]].names
+        self._tensors: dict[str, _Entry] = {}
         for gguf_name, tensor in by_name.items():
             if gguf_name == _ROPE_FREQS:
                 continue
-            hf_name = _hf_name(gguf_name)
-            if hf_name is None:
+            entries = _hf_entries(gguf_name, tensor, names)
+            if entries is None:
                 raise UnsupportedModelError(
-                    f"{path}: tensor {gguf_name!r} has no Llama counterpart; this GGUF is not a plain Llama model"
-                )
-            self._tensors[hf_name] = tensor
-        _check_shapes(path, config, self)
+                    f"{path}: tensor {gguf_name!r} has no counterpart in the {config['model_type']} family; "
+                    "this GGUF holds something edge-prism does not run")
+            self._tensors.update(entries)
 
     def names(self) -> list[str]:
         """All tensor names (HF convention)."""
@@ -125,19 +164,40 @@ class GgufTensors:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """HF shape of ``name`` (GGUF lists dimensions innermost first, so reversed)."""
-        return tuple(int(d) for d in reversed(self._reader_tensor(name).shape.tolist()))
+        e = self._entry(name)
+        if e.shape is not None:
+            return e.shape
+        dims = tuple(int(d) for d in reversed(e.tensor.shape.tolist()))
+        if e.expert is not None:
+            dims = dims[1:]
+        if e.rows is not None:
+            dims = (e.rows[1] - e.rows[0], *dims[1:])
+        return dims
+
+    def _data(self, e: _Entry) -> tuple[np.ndarray, tuple[int, ...]]:
+        """The raw data of an entry (one expert's slice) and the shape it dequantizes to."""
+        dims = tuple(int(d) for d in reversed(e.tensor.shape.tolist()))
+        data = e.tensor.data
+        if e.expert is not None:
+            data = data.reshape(dims[0], dims[1], -1)[e.expert]
+            dims = dims[1:]
+        return data, dims
 
     def get(self, name: str) -> torch.Tensor:
         """``name`` dequantized to a float32 CPU tensor of its HF shape."""
-        tensor = self._reader_tensor(name)
+        e = self._entry(name)
+        data, dims = self._data(e)
         try:
-            values = quants.dequantize(tensor.data, tensor.tensor_type)
+            values = quants.dequantize(data, e.tensor.tensor_type)
         except NotImplementedError as exc:
             raise UnsupportedModelError(
-                f"{self._path}: tensor {tensor.name!r} is stored as {tensor.tensor_type.name}, "
+                f"{self._path}: tensor {e.tensor.name!r} is stored as {e.tensor.tensor_type.name}, "
                 "which cannot be dequantized here; re-quantize the model to Q8_0, Q4_K or another common type"
             ) from exc
-        values = np.asarray(values, dtype=np.float32).reshape(self.shape(name))
+        values = np.asarray(values, dtype=np.float32).reshape(dims)
+        if e.rows is not None:
+            values = values[e.rows[0]:e.rows[1]]
+        values = values.reshape(self.shape(name))
         projection = name.rsplit(".", 2)[-2]
         if projection in self._heads:
             values = _unpermute_rope(values, self._heads[projection])
@@ -147,26 +207,74 @@ class GgufTensors:
 
     def quantized(self, name: str) -> QMatrix | None:
         """``name`` as a QMatrix of its HF shape, or None for float tensors (and 1-D ones)."""
-        tensor = self._reader_tensor(name)
+        e = self._entry(name)
         shape = self.shape(name)
-        if not is_quantized(tensor.tensor_type) or len(shape) != 2:
+        if not is_quantized(e.tensor.tensor_type) or len(shape) != 2:
             return None
-        qm, err = to_qmatrix(tensor.data, tensor.tensor_type, shape)
+        data, dims = self._data(e)
+        qm, err = to_qmatrix(data, e.tensor.tensor_type, dims)
         if err and name not in self.conversions:
-            self.conversions[name] = (tensor.tensor_type.name, err)
+            self.conversions[name] = (e.tensor.tensor_type.name, err)
             logger.info("%s: %s stored as %s, converted to %s (relative error %.2e)", self._path, name,
-                        tensor.tensor_type.name, qm.kind, err)
+                        e.tensor.tensor_type.name, qm.kind, err)
+        if e.rows is not None:
+            qm = qm.take_rows(torch.arange(*e.rows))
         projection = name.rsplit(".", 2)[-2]
         if projection in self._heads:
             index = np.arange(shape[0])[:, None]
             qm = qm.take_rows(torch.from_numpy(_unpermute_rope(index, self._heads[projection])[:, 0].copy()))
         return qm
 
-    def _reader_tensor(self, name: str):
+    def _entry(self, name: str) -> _Entry:
         try:
             return self._tensors[name]
         except KeyError:
             raise KeyError(f"{self._path}: no tensor {name!r}") from None
+
+
+_EXPERT_PARTS = {"ffn_gate_exps": 0, "ffn_up_exps": 1, "ffn_down_exps": 2}
+_LEGACY_EXPERT = re.compile(r"^ffn_(gate|up|down)\.(\d+)\.weight$")
+_SHARED_PARTS = {"ffn_gate_shexp.weight": 0, "ffn_up_shexp.weight": 1, "ffn_down_shexp.weight": 2}
+
+
+def _hf_entries(gguf_name: str, tensor, names) -> dict[str, _Entry] | None:
+    """The HF-named entries one GGUF tensor provides (None: no counterpart)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return {_GLOBAL_NAMES[gguf_name]: _Entry(tensor)}
+    match = _LAYER_RE.match(gguf_name)
+    if match is None:
+        return None
+    layer, rest = int(match.group(1)), match.group(2)
+    suffix = _LAYER_NAMES.get(rest) or _LAYER_BIASES.get(rest)
+    if suffix is not None:
+        if rest in ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"):  # a dense FFN layer
+            part = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight").index(rest)
+            return {names.dense[part].format(l=layer): _Entry(tensor)}
+        return {f"model.layers.{layer}.{suffix}": _Entry(tensor)}
+    stem = rest.removesuffix(".weight")
+    experts = int(tensor.shape.tolist()[-1]) if len(tensor.shape) == 3 else 0
+    if stem in _EXPERT_PARTS and experts and names.router:
+        part = names.expert[_EXPERT_PARTS[stem]]
+        return {part.format(l=layer, e=e): _Entry(tensor, expert=e) for e in range(experts)}
+    if stem == "ffn_gate_up_exps" and experts and names.router:
+        width = int(tensor.shape.tolist()[1]) // 2  # [D, 2*W, E]: gate rows, then up rows
+        out = {}
+        for e in range(experts):
+            out[names.expert[0].format(l=layer, e=e)] = _Entry(tensor, expert=e, rows=(0, width))
+            out[names.expert[1].format(l=layer, e=e)] = _Entry(tensor, expert=e, rows=(width, 2 * width))
+        return out
+    legacy = _LEGACY_EXPERT.match(rest)
+    if legacy and names.router:  # older files: one tensor per expert
+        part = ("gate", "up", "down").index(legacy.group(1))
+        return {names.expert[part].format(l=layer, e=int(legacy.group(2))): _Entry(tensor)}
+    if rest == "ffn_gate_inp.weight" and names.router:
+        return {names.router.format(l=layer): _Entry(tensor)}
+    if rest in _SHARED_PARTS and names.shared:
+        return {names.shared[_SHARED_PARTS[rest]].format(l=layer): _Entry(tensor)}
+    if rest == "ffn_gate_inp_shexp.weight" and names.shared_gate:
+        width = int(tensor.shape.tolist()[0])  # stored [D]: HF keeps it as a [1, D] linear
+        return {names.shared_gate.format(l=layer): _Entry(tensor, shape=(1, width))}
+    return None
 
 
 def _unpermute_rope(weights: np.ndarray, n_head: int) -> np.ndarray:
@@ -178,17 +286,6 @@ def _unpermute_rope(weights: np.ndarray, n_head: int) -> np.ndarray:
     """
     half = weights.shape[0] // n_head // 2
     return weights.reshape(n_head, half, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
-
-
-def _hf_name(gguf_name: str) -> str | None:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    match = _LAYER_RE.match(gguf_name)
-    if match is None:
-        return None
-    layer, rest = match.groups()
-    suffix = _LAYER_NAMES.get(rest) or _LAYER_BIASES.get(rest)
-    return f"model.layers.{layer}.{suffix}" if suffix else None
 
 
 # -- reading the file ------------------------------------------------------------------
@@ -228,53 +325,131 @@ def _open_reader(path: Path) -> gguf.GGUFReader:
 # -- config ------------------------------------------------------------------------------
 
 
-def _llama_config(meta: GgufMeta, by_name: dict, path: Path) -> dict:
-    """A Hugging Face LlamaConfig-style dict from ``llama.*`` metadata."""
-    hidden = int(meta.require("llama.embedding_length"))
-    heads = int(meta.require("llama.attention.head_count"))
-    kv_heads = _per_layer_constant(meta, "llama.attention.head_count_kv", heads, path)
-    head_dim = int(meta.get("llama.attention.key_length", hidden // heads))
-    rope_dims = meta.get("llama.rope.dimension_count")
+def _config(meta: GgufMeta, by_name: dict, path: Path, arch: str) -> dict:
+    """A Hugging Face config dict from the file's ``{arch}.*`` metadata and tensor shapes."""
+    a, spec = arch, ARCHITECTURES[arch]
+    hidden = int(meta.require(f"{a}.embedding_length"))
+    heads = int(meta.require(f"{a}.attention.head_count"))
+    kv_heads = _per_layer_constant(meta, f"{a}.attention.head_count_kv", heads, path)
+    head_dim = int(meta.get(f"{a}.attention.key_length", hidden // heads))
+    rope_dims = meta.get(f"{a}.rope.dimension_count")
     if rope_dims is not None and int(rope_dims) != head_dim:
         raise UnsupportedModelError(
-            f"{path}: partial rotary embedding (rope.dimension_count={rope_dims}, head_dim={head_dim}) "
-            "is not part of the Llama architecture"
+            f"{path}: partial rotary embedding ({a}.rope.dimension_count={rope_dims}, head_dim={head_dim}) "
+            f"is not part of the {arch} architecture"
         )
     tokens = meta.get("tokenizer.ggml.tokens")
     embed = by_name.get("token_embd.weight")
-    vocab = meta.get("llama.vocab_size") or (len(tokens) if tokens else None)
+    vocab = meta.get(f"{a}.vocab_size") or (len(tokens) if tokens else None)
     if vocab is None and embed is not None:
         vocab = int(embed.shape[-1])
-    rope_theta = float(meta.get("llama.rope.freq_base", 10000.0))
+    rope_theta = float(meta.get(f"{a}.rope.freq_base", 10000.0))
+    layers = int(meta.require(f"{a}.block_count"))
+    moe = _moe_config(meta, by_name, path, a, spec, layers)
     config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": spec.families[1 if moe else 0],
         "vocab_size": int(vocab) if vocab is not None else None,
         "hidden_size": hidden,
-        "intermediate_size": int(meta.require("llama.feed_forward_length")),
-        "num_hidden_layers": int(meta.require("llama.block_count")),
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rms_norm_eps": float(meta.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": rope_theta,
-        "max_position_embeddings": int(meta.require("llama.context_length")),
+        "max_position_embeddings": int(meta.require(f"{a}.context_length")),
         "tie_word_embeddings": "output.weight" not in by_name,
-        "attention_bias": any(name.endswith(".attn_q.bias") for name in by_name),
-        "mlp_bias": False,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
     }
+    bias = any(name.endswith(".attn_q.bias") for name in by_name)
+    if config["model_type"] == "qwen2_moe":
+        config["qkv_bias"] = bias
+    else:
+        config["attention_bias"] = bias
+    if config["model_type"] == "llama":
+        config.update(intermediate_size=int(meta.require(f"{a}.feed_forward_length")), mlp_bias=False)
+    config.update(moe or {})
     if config["vocab_size"] is None:
         raise CorruptCheckpointError(
-            f"{path}: cannot tell the vocabulary size (no llama.vocab_size, tokens or embedding); re-convert the model"
+            f"{path}: cannot tell the vocabulary size (no {a}.vocab_size, tokens or embedding); re-convert the model"
         )
-    rope_scaling = _rope_scaling(meta, by_name, path, head_dim=head_dim, theta=rope_theta)
+    rope_scaling = _rope_scaling(meta, by_name, path, head_dim=head_dim, theta=rope_theta, arch=a)
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
     return config
+
+
+# ggml's expert gating functions (llama.cpp: LLAMA_EXPERT_GATING_FUNC_TYPE_*): the families here route by softmax.
+_GATING_SOFTMAX = 1
+
+
+def _moe_config(meta: GgufMeta, by_name: dict, path: Path, a: str, spec: _Arch, layers: int) -> dict | None:
+    """The MoE part of the HF config (None for a dense file), checked against the tensors."""
+    experts = int(meta.get(f"{a}.expert_count", 0) or 0)
+    has_experts = [any(f"blk.{i}.{t}" in by_name for t in ("ffn_gate_exps.weight", "ffn_gate_up_exps.weight",
+                                                           "ffn_gate.0.weight")) for i in range(layers)]
+    if not experts:
+        if any(has_experts):
+            raise CorruptCheckpointError(f"{path}: expert tensors but no {a}.expert_count; re-convert the model")
+        if a != "llama":
+            raise UnsupportedModelError(f"{path}: {a} file without {a}.expert_count; edge-prism reads {a} as MoE")
+        return None
+    if not any(has_experts):
+        raise CorruptCheckpointError(f"{path}: {a}.expert_count={experts} but no expert tensors (ffn_gate_exps); "
+                                     "re-convert the model")
+    used = int(meta.require(f"{a}.expert_used_count"))
+    if not 1 <= used <= experts:
+        raise CorruptCheckpointError(f"{path}: {a}.expert_used_count={used} is not in 1..{a}.expert_count={experts}")
+    gating = meta.get(f"{a}.expert_gating_func")
+    if gating is not None and int(gating) != _GATING_SOFTMAX:
+        raise UnsupportedModelError(f"{path}: {a}.expert_gating_func={gating}: the {a} family routes by softmax "
+                                    f"({_GATING_SOFTMAX}) only")
+    scale = meta.get(f"{a}.expert_weights_scale")
+    if scale is not None and not math.isclose(float(scale), 1.0):
+        raise UnsupportedModelError(f"{path}: {a}.expert_weights_scale={scale}: the {a} family has no routed "
+                                    "weight scale")
+    norm = meta.get(f"{a}.expert_weights_norm")
+    if norm is not None and bool(norm) != spec.norm_topk:
+        raise UnsupportedModelError(f"{path}: {a}.expert_weights_norm={norm} disagrees with the {a} architecture "
+                                    f"(llama.cpp renormalises its top-k weights: {spec.norm_topk})")
+    widths = set()
+    for i in range(layers):
+        for name in (f"blk.{i}.ffn_gate_exps.weight", f"blk.{i}.ffn_gate.0.weight"):
+            if name in by_name:
+                widths.add(int(by_name[name].shape.tolist()[1]))
+        if f"blk.{i}.ffn_gate_up_exps.weight" in by_name:
+            widths.add(int(by_name[f"blk.{i}.ffn_gate_up_exps.weight"].shape.tolist()[1]) // 2)
+    declared = meta.get(f"{a}.expert_feed_forward_length")
+    if declared is not None:
+        widths.add(int(declared))
+    if len(widths) != 1:
+        raise CorruptCheckpointError(f"{path}: expert widths disagree ({a}.expert_feed_forward_length and the "
+                                     f"expert tensors: {sorted(widths)}); re-convert the model")
+    width = widths.pop()
+    dense = [i for i, e in enumerate(has_experts) if not e]
+    leading = meta.get(f"{a}.leading_dense_block_count")
+    if leading is not None and dense != list(range(int(leading))):
+        raise CorruptCheckpointError(f"{path}: {a}.leading_dense_block_count={leading} but the layers without "
+                                     f"expert tensors are {dense}; re-convert the model")
+    family = spec.families[1]
+    if dense and family in ("mixtral", "olmoe"):
+        raise UnsupportedModelError(f"{path}: layers {dense} have no expert tensors; the {family} family has none")
+    out = {"num_experts_per_tok": used, "norm_topk_prob": spec.norm_topk}
+    if family == "mixtral":
+        out.update(num_local_experts=experts, intermediate_size=width)
+    elif family == "olmoe":
+        out.update(num_experts=experts, intermediate_size=width, clip_qkv=None)
+    else:  # qwen2_moe, qwen3_moe: dense layers are mlp_only_layers of their own width
+        shared = int(meta.get(f"{a}.expert_shared_feed_forward_length", 0) or 0)
+        if shared and f"blk.{next(i for i, e in enumerate(has_experts) if e)}.ffn_gate_shexp.weight" not in by_name:
+            raise CorruptCheckpointError(f"{path}: {a}.expert_shared_feed_forward_length={shared} but no "
+                                         "ffn_gate_shexp tensor; re-convert the model")
+        out.update(num_experts=experts, moe_intermediate_size=width, shared_expert_intermediate_size=shared,
+                   mlp_only_layers=dense, decoder_sparse_step=1,
+                   intermediate_size=int(meta.get(f"{a}.feed_forward_length", width) or width))
+    return out
 
 
 def _per_layer_constant(meta: GgufMeta, key: str, default: int, path: Path) -> int:
@@ -288,11 +463,12 @@ def _per_layer_constant(meta: GgufMeta, key: str, default: int, path: Path) -> i
     return int(value)
 
 
-def _rope_scaling(meta: GgufMeta, by_name: dict, path: Path, *, head_dim: int, theta: float) -> dict | None:
+def _rope_scaling(meta: GgufMeta, by_name: dict, path: Path, *, head_dim: int, theta: float,
+                  arch: str = "llama") -> dict | None:
     """HF ``rope_scaling`` for the file's rope scaling metadata (or its llama 3 ``rope_freqs`` tensor)."""
-    kind = meta.get("llama.rope.scaling.type")
-    factor = meta.get("llama.rope.scaling.factor")
-    original = meta.get("llama.rope.scaling.original_context_length")
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    original = meta.get(f"{arch}.rope.scaling.original_context_length")
     if _ROPE_FREQS in by_name:
         if kind not in (None, "none"):
             raise UnsupportedModelError(f"{path}: both rope_freqs and rope scaling type {kind!r}; cannot map that")
@@ -300,15 +476,15 @@ def _rope_scaling(meta: GgufMeta, by_name: dict, path: Path, *, head_dim: int, t
     if kind in (None, "none"):
         return None
     if factor is None:
-        raise CorruptCheckpointError(f"{path}: rope scaling type {kind!r} without llama.rope.scaling.factor")
+        raise CorruptCheckpointError(f"{path}: rope scaling type {kind!r} without {arch}.rope.scaling.factor")
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(factor)}
     if kind == "yarn":
-        return _yarn_scaling(meta, path, factor=float(factor), original=original)
+        return _yarn_scaling(meta, path, factor=float(factor), original=original, arch=arch)
     raise UnsupportedModelError(f"{path}: rope scaling type {kind!r} is not supported (supported: linear, yarn)")
 
 
-def _yarn_scaling(meta: GgufMeta, path: Path, *, factor: float, original) -> dict:
+def _yarn_scaling(meta: GgufMeta, path: Path, *, factor: float, original, arch: str = "llama") -> dict:
     """HF YaRN parameters; llama.cpp knobs that HF's YaRN has no counterpart for must be at their defaults."""
     # key suffix -> (is this value HF's behaviour?); ext_factor < 0 means "1.0 for YaRN" in llama.cpp.
     neutral = {
@@ -318,16 +494,16 @@ def _yarn_scaling(meta: GgufMeta, path: Path, *, factor: float, original) -> dic
         "yarn_ext_factor": lambda v: v < 0 or math.isclose(v, 1.0),
     }
     for suffix, is_neutral in neutral.items():
-        value = meta.get(f"llama.rope.scaling.{suffix}")
+        value = meta.get(f"{arch}.rope.scaling.{suffix}")
         if value is not None and not is_neutral(float(value)):
             raise UnsupportedModelError(
-                f"{path}: YaRN with llama.rope.scaling.{suffix}={value} has no Hugging Face equivalent; cannot map it"
+                f"{path}: YaRN with {arch}.rope.scaling.{suffix}={value} has no Hugging Face equivalent; cannot map it"
             )
     scaling = {"rope_type": "yarn", "factor": factor}
     if original is not None:
         scaling["original_max_position_embeddings"] = int(original)
     for suffix in ("beta_fast", "beta_slow"):
-        value = meta.get(f"llama.rope.scaling.yarn_{suffix}")
+        value = meta.get(f"{arch}.rope.scaling.yarn_{suffix}")
         if value is not None:
             scaling[suffix] = float(value)
     return scaling
@@ -372,29 +548,15 @@ def _llama3_factors(freqs: np.ndarray, factor: float, low: float, high: float, c
 
 
 def _check_shapes(path: Path, config: dict, tensors: GgufTensors) -> None:
-    """Every expected tensor is there with the shape the config implies."""
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    q_rows = config["num_attention_heads"] * config["head_dim"]
-    kv_rows = config["num_key_value_heads"] * config["head_dim"]
-    expected = {
-        "model.embed_tokens.weight": (config["vocab_size"], hidden),
-        "model.norm.weight": (hidden,),
-    }
-    if not config["tie_word_embeddings"]:
-        expected["lm_head.weight"] = (config["vocab_size"], hidden)
-    layer_shapes = {
-        "input_layernorm.weight": (hidden,),
-        "post_attention_layernorm.weight": (hidden,),
-        "self_attn.q_proj.weight": (q_rows, hidden),
-        "self_attn.k_proj.weight": (kv_rows, hidden),
-        "self_attn.v_proj.weight": (kv_rows, hidden),
-        "self_attn.o_proj.weight": (hidden, q_rows),
-        "mlp.gate_proj.weight": (inter, hidden),
-        "mlp.up_proj.weight": (inter, hidden),
-        "mlp.down_proj.weight": (hidden, inter),
-    }
-    for layer in range(config["num_hidden_layers"]):
-        expected.update({f"model.layers.{layer}.{name}": shape for name, shape in layer_shapes.items()})
+    """Every tensor the family needs is there with the shape the metadata implies."""
+    from edge_prism.build import expected_shapes
+    from edge_prism.families import build_spec
+
+    try:
+        spec = build_spec(config, where=str(path))
+    except UnsupportedModelError:
+        return  # a feature the engine does not run (yarn rope...): load() says so when it builds the model
+    expected = expected_shapes(spec)
     present = set(tensors.names())
     missing = [name for name in expected if name not in present]
     if missing:
@@ -402,8 +564,8 @@ def _check_shapes(path: Path, config: dict, tensors: GgufTensors) -> None:
             f"{path}: {len(missing)} tensors missing (first: {missing[0]}); re-download or re-convert the model"
         )
     for name, shape in expected.items():
-        if tensors.shape(name) != shape:
+        if tensors.shape(name) != tuple(shape):
             raise ShapeMismatchError(
-                f"{path}: tensor {name} has shape {tensors.shape(name)}, but the config implies {shape}; "
+                f"{path}: tensor {name} has shape {tensors.shape(name)}, but the config implies {tuple(shape)}; "
                 "re-convert the model"
             )

@@ -1,0 +1,254 @@
+"""MoE GGUF files: qwen2moe, qwen3moe, olmoe and llama with experts (Mixtral), as llama.cpp
+lays them out (tests/moe_gguf.py pins the converter's conventions for CI), read from the
+file's metadata; exact against the same weights as a Hugging Face directory in float,
+quantized experts kept quantized; refactored into prisms. Where llama.cpp's own converter
+and llama-cpp-python are present, the file the converter writes is checked against
+transformers and llama.cpp itself (skipped otherwise: see scripts/make_moe_gguf.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+import edge_prism
+from edge_prism.errors import CorruptCheckpointError, UnsupportedModelError
+from edge_prism.kernels import QuantExperts
+from edge_prism.loaders.gguf import load_gguf
+from edge_prism.quant import relative_error
+from moe_gguf import hf_to_gguf
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen2_moe-mlp_only_layers", "qwen3_moe", "olmoe"]
+IDS = list(range(3, 27))
+
+
+@pytest.fixture(scope="module")
+def gguf_of(tiny_checkpoint, tmp_path_factory):
+    """``gguf_of(family, **hf_to_gguf options)`` -> (HF dir, GGUF path), cached."""
+    made: dict = {}
+
+    def make(family: str, **kw):
+        key = (family, tuple(sorted(kw.items())))
+        if key not in made:
+            src = tiny_checkpoint(family)
+            out = tmp_path_factory.mktemp("moegguf") / f"{family}.gguf"
+            made[key] = src, hf_to_gguf(src, out, **kw)
+        return made[key]
+
+    return make
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float_moe_gguf_equals_its_hf_directory(gguf_of, family):
+    src, path = gguf_of(family)
+    raw = load_gguf(path)
+    hf = edge_prism.load(src)
+    for engine in (edge_prism.load(path), edge_prism.load(path, dequantize=True)):
+        assert engine.spec.ffn == hf.spec.ffn and engine.spec.qk_norm == hf.spec.qk_norm
+        assert engine.spec.attention_bias == hf.spec.attention_bias
+        torch.testing.assert_close(engine.logits(IDS), hf.logits(IDS), rtol=1e-5, atol=1e-5)
+    assert raw.config["model_type"] == family.split("-")[0]
+
+
+@pytest.mark.parametrize("layout", ["legacy", "gate_up"])
+def test_other_expert_layouts(gguf_of, layout):
+    src, path = gguf_of("qwen3_moe", layout=layout)
+    torch.testing.assert_close(edge_prism.load(path).logits(IDS), edge_prism.load(src).logits(IDS),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_dense_layers_of_a_qwen_file_come_from_its_tensors(gguf_of):
+    _, path = gguf_of("qwen2_moe-mlp_only_layers")
+    config = load_gguf(path).config
+    assert config["mlp_only_layers"] == [1]
+    assert config["shared_expert_intermediate_size"] == 256 and config["qkv_bias"] is True
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0])
+def test_quantized_experts_stay_quantized(gguf_of, family, qtype):
+    _, path = gguf_of(family, expert_type=qtype, other_type=qtype)
+    engine, ref = edge_prism.load(path), edge_prism.load(path, dequantize=True)
+    routed = [k for k, f in zip(engine.model.kernels, engine.spec.ffn) if f.routed]
+    assert routed and all(isinstance(k, QuantExperts) for k in routed)
+    assert relative_error(engine.logits(IDS), ref.logits(IDS)) < 0.05
+
+
+def _write(path: Path, arch: str, meta: dict, tensors: dict[str, np.ndarray]) -> Path:
+    writer = gguf.GGUFWriter(path, arch)
+    for key, value in meta.items():
+        if isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_uint32(key, value)
+    for name, t in tensors.items():
+        writer.add_tensor(name, t)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _tiny_qwen3moe(**meta_overrides) -> tuple[dict, dict]:
+    D, W, E, V = 64, 32, 4, 40
+    rng = np.random.default_rng(0)
+
+    def r(*shape):
+        return rng.standard_normal(shape).astype(np.float32) * 0.1
+
+    meta = {"qwen3moe.block_count": 1, "qwen3moe.context_length": 64, "qwen3moe.embedding_length": D,
+            "qwen3moe.attention.head_count": 2, "qwen3moe.attention.head_count_kv": 1,
+            "qwen3moe.attention.key_length": 32, "qwen3moe.attention.layer_norm_rms_epsilon": 1e-6,
+            "qwen3moe.rope.freq_base": 10000.0, "qwen3moe.vocab_size": V, "qwen3moe.expert_count": E,
+            "qwen3moe.expert_used_count": 2, "qwen3moe.expert_feed_forward_length": W}
+    meta.update(meta_overrides)
+    meta = {k: v for k, v in meta.items() if v is not None}
+    tensors = {"token_embd.weight": r(V, D), "output_norm.weight": np.ones(D, np.float32), "output.weight": r(V, D),
+               "blk.0.attn_norm.weight": np.ones(D, np.float32), "blk.0.ffn_norm.weight": np.ones(D, np.float32),
+               "blk.0.attn_q.weight": r(64, D), "blk.0.attn_k.weight": r(32, D), "blk.0.attn_v.weight": r(32, D),
+               "blk.0.attn_output.weight": r(D, 64), "blk.0.attn_q_norm.weight": np.ones(32, np.float32),
+               "blk.0.attn_k_norm.weight": np.ones(32, np.float32), "blk.0.ffn_gate_inp.weight": r(E, D),
+               "blk.0.ffn_gate_exps.weight": r(E, W, D), "blk.0.ffn_up_exps.weight": r(E, W, D),
+               "blk.0.ffn_down_exps.weight": r(E, D, W)}
+    return meta, tensors
+
+
+def test_handwritten_qwen3moe_file_runs(tmp_path):
+    meta, tensors = _tiny_qwen3moe()
+    engine = edge_prism.load(_write(tmp_path / "ok.gguf", "qwen3moe", meta, tensors))
+    assert engine.spec.ffn[0].num_experts == 4 and engine.spec.ffn[0].norm_topk_prob
+    assert torch.isfinite(engine.logits([1, 2, 3])).all()
+
+
+@pytest.mark.parametrize("override,error,key", [
+    ({"qwen3moe.expert_used_count": None}, CorruptCheckpointError, "qwen3moe.expert_used_count"),
+    ({"qwen3moe.expert_used_count": 9}, CorruptCheckpointError, "qwen3moe.expert_used_count=9"),
+    ({"qwen3moe.expert_gating_func": 2}, UnsupportedModelError, "qwen3moe.expert_gating_func=2"),
+    ({"qwen3moe.expert_weights_scale": 2.5}, UnsupportedModelError, "qwen3moe.expert_weights_scale"),
+    ({"qwen3moe.expert_feed_forward_length": 48}, CorruptCheckpointError, "expert_feed_forward_length"),
+    ({"qwen3moe.expert_count": None}, CorruptCheckpointError, "qwen3moe.expert_count"),
+])
+def test_missing_or_inconsistent_keys_are_named(tmp_path, override, error, key):
+    meta, tensors = _tiny_qwen3moe(**override)
+    with pytest.raises(error) as info:
+        load_gguf(_write(tmp_path / "bad.gguf", "qwen3moe", meta, tensors))
+    assert key in str(info.value) and "bad.gguf" in str(info.value)
+
+
+# -- prisms from MoE GGUF files -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gguf_prism(tiny_checkpoint, default_model_path, tmp_path_factory):
+    """A Q4_0 qwen3moe GGUF with the default model's tokenizer, refactored (quant auto)."""
+    from edge_prism.refactor.refactor import RefactorConfig, refactor
+
+    src = tiny_checkpoint("qwen3_moe", vocab_size=49152, tokenizer=False)
+    d = tmp_path_factory.mktemp("ggufprism")
+    path = hf_to_gguf(src, d / "q.gguf", expert_type=Q.Q4_0, tokenizer_from=default_model_path)
+    out = d / "q.prism"
+    refactor(path, out, RefactorConfig(calib_tokens=256, rows_per_expert=128, seq_len=64, sub_experts=4),
+             progress=False)
+    return path, out
+
+
+def test_moe_gguf_refactors_with_its_gate_up_rows_exact(gguf_prism):
+    from edge_prism.refactor.prism import open_prism
+
+    path, prism = gguf_prism
+    pc = open_prism(prism)
+    fmt = pc.unit_format(0)
+    assert fmt is not None and fmt.gu_planes == 1 and fmt.dn_planes == 1  # Q4_0 stays 4-bit
+    raw = load_gguf(path)
+    gate, up, down = pc.unit_matrices(0)  # [U, n, D], [U, n, D], [U, D, n]
+    perm = pc.gate_tensor("layers.0.perm")  # [E, W]
+    S, n = pc.parts[0], gate.shape[1]
+    for e in range(2):
+        src_gate = raw.tensors.quantized(f"model.layers.0.mlp.experts.{e}.gate_proj.weight").dequantize()
+        for s in range(S):
+            # Whole rows of the file's quantized matrix: bit for bit the same values.
+            assert torch.equal(gate[e * S + s], src_gate[perm[e, s * n:(s + 1) * n]])
+    assert pc.manifest["quant"]["relative_error"]["down"] > 0  # W_down's groups rebuilt, measured
+
+
+def test_moe_gguf_prism_tracks_the_file(gguf_prism):
+    path, prism = gguf_prism
+    a, b = edge_prism.load(prism).logits(IDS), edge_prism.load(path).logits(IDS)
+    assert relative_error(a, b) < 0.05
+    budgeted = edge_prism.load(prism, memory_budget="60%")
+    assert relative_error(budgeted.logits(IDS), b) < 0.05
+
+
+# -- llama.cpp's own converter and llama.cpp itself (optional) ---------------------------------------
+def _converter() -> Path | None:
+    """convert_hf_to_gguf.py of a llama.cpp checkout or llama-cpp-python sdist, if one is here."""
+    root = os.environ.get("EDGE_PRISM_LLAMA_CPP")
+    script = Path(root) / "convert_hf_to_gguf.py" if root else None
+    return script if script and script.is_file() else None
+
+
+CONVERTER = _converter()
+needs_converter = pytest.mark.skipif(CONVERTER is None, reason="set EDGE_PRISM_LLAMA_CPP to a llama.cpp source tree "
+                                     "(scripts/make_moe_gguf.py --fetch unpacks the llama-cpp-python sdist)")
+
+
+def convert(src: Path, out: Path, outtype: str) -> Path:
+    """Run llama.cpp's converter (with its own gguf-py) on HF directory ``src``."""
+    env = {**os.environ, "PYTHONPATH": str(CONVERTER.parent / "gguf-py")}
+    proc = subprocess.run([sys.executable, str(CONVERTER), str(src), "--outfile", str(out), "--outtype", outtype],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_checkpoint, default_model_path, tmp_path_factory):
+    """``converted(family, outtype)`` -> (HF dir with the default model's tokenizer, GGUF)."""
+    made: dict = {}
+
+    def make(family: str, outtype: str = "f32"):
+        if (family, outtype) not in made:
+            d = tmp_path_factory.mktemp(f"conv-{family}")
+            src = d / "hf"
+            # llama.cpp's olmoe sizes k_norm by the hidden size: no grouped kv heads (real OLMoE has none).
+            extra = {"num_key_value_heads": 4} if family == "olmoe" else {}
+            shutil.copytree(tiny_checkpoint(family, vocab_size=49152, tokenizer=False, **extra), src)
+            load_gguf(default_model_path).tokenizer.save(src)  # SmolLM2's: a tokenizer the converter knows
+            made[family, outtype] = src, convert(src, d / f"{outtype}.gguf", outtype)
+        return made[family, outtype]
+
+    return make
+
+
+@needs_converter
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_converter_output_matches_transformers(converted, family):
+    transformers = pytest.importorskip("transformers")
+    src, path = converted(family)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor([IDS])).logits[0]
+    got = edge_prism.load(path).logits(IDS)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+
+
+@needs_converter
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("outtype,bound", [("f32", 1e-3), ("q8_0", 0.05)])
+def test_converter_output_matches_llama_cpp(converted, family, outtype, bound):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    _, path = converted(family, outtype)
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(IDS)
+    theirs = torch.tensor(np.array(llm.scores[: len(IDS)]))
+    ours = edge_prism.load(path).logits(IDS)
+    assert float((ours - theirs).norm() / theirs.norm()) < bound
