@@ -15,7 +15,7 @@ from edge_prism.families import FAMILIES
 from edge_prism.kernels import (ExpertMatrices, FFNKernel, FloatEmbedding, FloatLinear, FloatUnits, Linear,
                                 QuantEmbedding, QuantExperts, QuantHead, QuantLinear, dense_expert_matrices)
 from edge_prism.loaders.base import TensorSource
-from edge_prism.model import LayerWeights, Weights, tied_head, transposed
+from edge_prism.model import LayerWeights, MLAWeights, Weights, tied_head, transposed
 from edge_prism.quant import Int4Backend, QMatrix, UnitFormat
 from edge_prism.spec import ModelSpec
 
@@ -81,12 +81,15 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     if not s.tie_word_embeddings:
         out["lm_head.weight"] = (s.vocab_size, D)
     for layer, f in enumerate(s.ffn):
-        dims = {"q": s.num_heads * hd, "k": s.num_kv_heads * hd, "v": s.num_kv_heads * hd}
-        for p, rows in dims.items():
-            out[_ATTN.format(l=layer, p=p, kind="weight")] = (rows, D)
-            if s.attention_bias:
-                out[_ATTN.format(l=layer, p=p, kind="bias")] = (rows,)
-        out[_ATTN.format(l=layer, p="o", kind="weight")] = (D, s.num_heads * hd)
+        if s.mla is not None:
+            out.update(_mla_shapes(s, layer))
+        else:
+            dims = {"q": s.num_heads * hd, "k": s.num_kv_heads * hd, "v": s.num_kv_heads * hd}
+            for p, rows in dims.items():
+                out[_ATTN.format(l=layer, p=p, kind="weight")] = (rows, D)
+                if s.attention_bias:
+                    out[_ATTN.format(l=layer, p=p, kind="bias")] = (rows,)
+            out[_ATTN.format(l=layer, p="o", kind="weight")] = (D, s.num_heads * hd)
         out[f"model.layers.{layer}.input_layernorm.weight"] = (D,)
         out[f"model.layers.{layer}.post_attention_layernorm.weight"] = (D,)
         if s.qk_norm != "none":
@@ -99,8 +102,33 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
             g, u, d = names.shared
             out[g.format(l=layer)] = out[u.format(l=layer)] = (f.shared_width, D)
             out[d.format(l=layer)] = (D, f.shared_width)
-            out[names.shared_gate.format(l=layer)] = (1, D)
+            if names.shared_gate:
+                out[names.shared_gate.format(l=layer)] = (1, D)
         out.update(expert_names_shapes(spec, layer))
+    return out
+
+
+def _mla_shapes(s: ModelSpec, layer: int) -> dict[str, tuple[int, ...]]:
+    """Multi-head latent attention's tensors (DeepSeek-V2's names; q_a_* only with q_lora_rank)."""
+    m, D, H = s.mla, s.hidden_size, s.num_heads
+    a = f"model.layers.{layer}.self_attn."
+    out: dict[str, tuple[int, ...]] = {}
+    if m.q_lora_rank:
+        out[a + "q_a_proj.weight"] = (m.q_lora_rank, D)
+        if s.attention_bias:
+            out[a + "q_a_proj.bias"] = (m.q_lora_rank,)
+        out[a + "q_a_layernorm.weight"] = (m.q_lora_rank,)
+        out[a + "q_b_proj.weight"] = (H * m.qk_head_dim, m.q_lora_rank)
+    else:
+        out[a + "q_proj.weight"] = (H * m.qk_head_dim, D)  # no bias, whatever attention_bias says
+    out[a + "kv_a_proj_with_mqa.weight"] = (m.cache_width, D)
+    if s.attention_bias:
+        out[a + "kv_a_proj_with_mqa.bias"] = (m.cache_width,)
+    out[a + "kv_a_layernorm.weight"] = (m.kv_lora_rank,)
+    out[a + "kv_b_proj.weight"] = (H * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)
+    out[a + "o_proj.weight"] = (D, H * m.v_head_dim)
+    if s.attention_bias:
+        out[a + "o_proj.bias"] = (D,)
     return out
 
 
@@ -154,25 +182,63 @@ def build_weights(spec: ModelSpec, reader: TensorReader) -> Weights:
     embed, lm_head = _embedding_and_head(s, reader, shapes)
     layers = []
     for layer, f in enumerate(s.ffn):
-        bias = None
-        if s.attention_bias:
-            bias = torch.cat([get(_ATTN.format(l=layer, p=p, kind="bias")) for p in "qkv"])
-        lw = LayerWeights(
-            attn_norm=get(f"model.layers.{layer}.input_layernorm.weight"),
-            ffn_norm=get(f"model.layers.{layer}.post_attention_layernorm.weight"),
-            wqkv=linear(*(_ATTN.format(l=layer, p=p, kind="weight") for p in "qkv")), bqkv=bias,
-            wo=linear(_ATTN.format(l=layer, p="o", kind="weight")),
-            q_norm=get(f"model.layers.{layer}.self_attn.q_norm.weight") if s.qk_norm != "none" else None,
-            k_norm=get(f"model.layers.{layer}.self_attn.k_norm.weight") if s.qk_norm != "none" else None,
-            router=get(names.router.format(l=layer)) if f.routed else None,
-        )
+        if s.mla is not None:
+            lw = _mla_layer(s, layer, reader, get, linear)
+        else:
+            bias = None
+            if s.attention_bias:
+                bias = torch.cat([get(_ATTN.format(l=layer, p=p, kind="bias")) for p in "qkv"])
+            lw = LayerWeights(
+                attn_norm=get(f"model.layers.{layer}.input_layernorm.weight"),
+                ffn_norm=get(f"model.layers.{layer}.post_attention_layernorm.weight"),
+                wqkv=linear(*(_ATTN.format(l=layer, p=p, kind="weight") for p in "qkv")), bqkv=bias,
+                wo=linear(_ATTN.format(l=layer, p="o", kind="weight")),
+                q_norm=get(f"model.layers.{layer}.self_attn.q_norm.weight") if s.qk_norm != "none" else None,
+                k_norm=get(f"model.layers.{layer}.self_attn.k_norm.weight") if s.qk_norm != "none" else None,
+                router=get(names.router.format(l=layer)) if f.routed else None,
+            )
         if f.shared_width:
             g, u, d = (n.format(l=layer) for n in names.shared)
             lw.shared_gu = linear(g, u)
             lw.shared_down = linear(d)
-            lw.shared_gate = get(names.shared_gate.format(l=layer))
+            lw.shared_gate = get(names.shared_gate.format(l=layer)) if names.shared_gate else None
         layers.append(lw)
     return Weights(embed=embed, norm=get("model.norm.weight"), lm_head=lm_head, layers=layers)
+
+
+def _mla_layer(s: ModelSpec, layer: int, reader: TensorReader, get, linear) -> LayerWeights:
+    """One MLA layer: the two projections of the hidden state (the query's, or its low-rank
+    q_a_proj, and kv_a_proj_with_mqa) joined into one linear, the rest in MLAWeights."""
+    m, f, names = s.mla, s.ffn[layer], FAMILIES[s.family].names
+    a = f"model.layers.{layer}.self_attn."
+    kv_b_name = a + "kv_b_proj.weight"
+    kv_b_shape = (s.num_heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)
+    if reader.quantized(kv_b_name, kv_b_shape) is None:
+        # Float W kept [out, in] row-major (the holder takes its transposed view): absorbed
+        # decode multiplies by per-head row blocks of W, which must be BLAS-ready views.
+        kv_b = FloatLinear(get(kv_b_name).t())
+    else:
+        kv_b = linear(kv_b_name)
+    q = a + ("q_a_proj" if m.q_lora_rank else "q_proj")
+    bias = bo = None
+    if s.attention_bias:
+        q_bias = get(q + ".bias") if m.q_lora_rank else None
+        kv_bias = get(a + "kv_a_proj_with_mqa.bias")
+        if q_bias is None:  # q_proj has no bias: zeros over its rows
+            q_bias = kv_bias.new_zeros(s.num_heads * m.qk_head_dim)
+        bias, bo = torch.cat([q_bias, kv_bias]), get(a + "o_proj.bias")
+    return LayerWeights(
+        attn_norm=get(f"model.layers.{layer}.input_layernorm.weight"),
+        ffn_norm=get(f"model.layers.{layer}.post_attention_layernorm.weight"),
+        wqkv=linear(q + ".weight", a + "kv_a_proj_with_mqa.weight"), bqkv=bias,
+        wo=linear(a + "o_proj.weight"), q_norm=None, k_norm=None,
+        router=get(names.router.format(l=layer)) if f.routed else None,
+        mla=MLAWeights(
+            q_a_norm=get(a + "q_a_layernorm.weight") if m.q_lora_rank else None,
+            wq_b=linear(a + "q_b_proj.weight") if m.q_lora_rank else None,
+            kv_a_norm=get(a + "kv_a_layernorm.weight"),
+            kv_b=kv_b, bo=bo),
+    )
 
 
 def _embedding_and_head(s: ModelSpec, reader: TensorReader, shapes: dict) -> tuple:

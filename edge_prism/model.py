@@ -5,7 +5,9 @@ selection -> store.slots -> FFN kernel over the pool, in place -> weighted sum] 
 
 Legend for shape comments: T=tokens, D=hidden, H=heads, Hk=kv heads, hd=head dim,
 E=experts, k=top-k, S=sub-experts per expert, n=neurons per sub-expert, P=selected
-sub-experts (units) in a layer, U=E*S units of a layer, L=cached positions, V=vocab.
+sub-experts (units) in a layer, U=E*S units of a layer, L=cached positions, V=vocab;
+multi-head latent attention (MLA): C=kv_lora_rank (cached latent), R=qk_rope_head_dim
+(cached rotary key), dn=qk_nope_head_dim, dv=v_head_dim, G=expert groups.
 
 Weights are held as they arrive: float, or quantized (edge_prism.quant) and expanded only
 inside the kernels (edge_prism.kernels). A float sub-expert block is one contiguous
@@ -25,9 +27,29 @@ import torch
 import torch.nn.functional as F
 
 from edge_prism.kernels import Embedding, FFNKernel, FloatEmbedding, FloatLinear, Linear, block_ffn
-from edge_prism.spec import ModelSpec
+from edge_prism.spec import MLASpec, ModelSpec
 
-__all__ = ["LayerWeights", "Weights", "Transformer", "KVCache", "block_ffn", "transposed", "tied_head"]
+__all__ = ["LayerWeights", "MLAWeights", "Weights", "Transformer", "KVCache", "MLACache", "block_ffn",
+           "transposed", "tied_head"]
+
+# DeepSeek-V2's q_a_layernorm and kv_a_layernorm keep RMSNorm's default eps, not rms_norm_eps
+# (transformers builds them as DeepseekV2RMSNorm(width)).
+_MLA_NORM_EPS = 1e-6
+
+
+@dataclass
+class MLAWeights:
+    """The parts of one multi-head latent attention layer beyond LayerWeights' wqkv and wo.
+
+    LayerWeights.wqkv joins the two projections of the hidden state: the query's (q_proj, or
+    the low-rank q_a_proj) and kv_a_proj_with_mqa (latent [C] and rotary key [R]).
+    """
+
+    q_a_norm: torch.Tensor | None  # [q_lora_rank] (None: q_proj, no low-rank query)
+    wq_b: Linear | None  # [q_lora_rank] -> [H*(dn+R)]
+    kv_a_norm: torch.Tensor  # [C]
+    kv_b: Linear  # [C] -> [H*(dn+dv)]: per head, the key's dn rows then the value's dv rows
+    bo: torch.Tensor | None = None  # [D] (attention_bias)
 
 
 @dataclass
@@ -45,7 +67,8 @@ class LayerWeights:
     router_bias: torch.Tensor | None = None  # [E] (synthetic routing skew)
     shared_gu: Linear | None = None  # [D] -> [2*Ws]
     shared_down: Linear | None = None  # [Ws] -> [D]
-    shared_gate: torch.Tensor | None = None  # [1, D]
+    shared_gate: torch.Tensor | None = None  # [1, D] (None: ungated shared expert, deepseek_v2)
+    mla: MLAWeights | None = None  # multi-head latent attention (wqkv, wo as described there)
 
 
 @dataclass
@@ -156,19 +179,87 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
-def rope_tables(spec: ModelSpec, positions: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [positions, hd] in float32, computed as transformers does (rotate-half layout)."""
-    hd = spec.head_dim
-    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+class MLACache:
+    """Per-layer compressed cache of multi-head latent attention: one row [C + R] per position,
+    the normed latent and the rotated rotary key, shared by all heads (no per-head keys or
+    values: DeepSeek-V2-Lite caches 576 values per position per layer instead of 5120).
+    Grown by doubling, like KVCache."""
+
+    def __init__(self, spec: ModelSpec, *, dtype: torch.dtype, device: torch.device, capacity: int = 256):
+        self.spec, self.dtype, self.device = spec, dtype, device
+        self.width = spec.mla.cache_width
+        self.capacity = 0
+        self.latent: list[torch.Tensor] = []  # per layer [capacity, C+R]
+        self.length = 0
+        self.reserve(capacity)
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for ``tokens`` positions, keeping what is cached."""
+        if tokens <= self.capacity:
+            return
+        cap = max(tokens, 2 * self.capacity, 64)
+        new = [torch.zeros(cap, self.width, dtype=self.dtype, device=self.device)
+               for _ in range(self.spec.num_layers)]
+        for old, n in zip(self.latent, new):
+            n[: self.length].copy_(old[: self.length])
+        self.latent, self.capacity = new, cap
+
+    def nbytes(self) -> int:
+        """Bytes allocated for the cache."""
+        return sum(t.numel() * t.element_size() for t in self.latent)
+
+
+def _inv_freq(spec: ModelSpec, dim: int) -> torch.Tensor:
+    """Rotary inverse frequencies [dim/2] for ``dim`` rotated values, with the spec's scaling."""
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaling = dict(spec.rope_scaling)
     if scaling.get("rope_type") == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif scaling.get("rope_type") == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    elif scaling.get("rope_type") == "yarn":
+        inv_freq = _yarn_inv_freq(dim, spec.rope_theta, scaling)
+    return inv_freq
+
+
+def rope_tables(spec: ModelSpec, positions: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [positions, hd] in float32, computed as transformers does (rotate-half layout)."""
+    inv_freq = _inv_freq(spec, spec.head_dim)
     pos = torch.arange(positions, dtype=torch.float32)
     freqs = pos[:, None] * inv_freq[None, :]  # [positions, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [positions, hd]
     return emb.cos().to(device), emb.sin().to(device)
+
+
+def mla_rope_tables(spec: ModelSpec, positions: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [positions, R/2] in float32 for MLA's pairwise rotation, times yarn's attention
+    factor (transformers multiplies its complex frequencies by it)."""
+    inv_freq = _inv_freq(spec, spec.mla.qk_rope_head_dim)
+    pos = torch.arange(positions, dtype=torch.float32)
+    freqs = pos[:, None] * inv_freq[None, :]  # [positions, R/2]
+    scale = float(dict(spec.rope_scaling).get("attention_factor", 1.0))
+    return (freqs.cos() * scale).to(device), (freqs.sin() * scale).to(device)
+
+
+def _yarn_inv_freq(dim: int, theta: float, sc: dict) -> torch.Tensor:
+    """YaRN: interpolated low frequencies, extrapolated high ones, a linear ramp between
+    (transformers' _compute_yarn_parameters, op for op)."""
+    pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolated, interpolated = 1.0 / pos_freqs, 1.0 / (sc["factor"] * pos_freqs)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(sc["original_max_position_embeddings"] / (rotations * 2 * math.pi))) / (
+            2 * math.log(theta))
+
+    low, high = correction_dim(sc["beta_fast"]), correction_dim(sc["beta_slow"])
+    if sc["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp  # [dim/2]
+    return interpolated * (1 - extrapolation) + extrapolated * extrapolation
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, sc: dict) -> torch.Tensor:
@@ -196,6 +287,14 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
     """Rotate-half rotary embedding: x * cos + cat(-x2, x1) * sin, with the sign folded into
     ``sin_signed`` = cat(-sin, sin) so that cat(-x2, x1) * sin = roll(x, hd/2) * sin_signed."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
+
+
+def _rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """MLA's rotary embedding: pairs (x[2i], x[2i+1]) rotated as the complex numbers
+    transformers multiplies, in float32; ``cos``, ``sin`` [..., R/2] broadcast over x [..., R]."""
+    xf = x.float().unflatten(-1, (-1, 2))  # [..., R/2, 2]
+    re, im = xf[..., 0], xf[..., 1]
+    return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
 FFNObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -239,7 +338,10 @@ class Transformer:
         self.ffn_observer: FFNObserver | None = None  # calibration: (layer, resid, x, topv, topi)
         self.prefetcher: Prefetcher | None = None  # decode only
         self.planner: Planner | None = None  # decode only: token-latency budget
-        self.cache = KVCache(spec, dtype=dtype, device=device)
+        self.cache = (MLACache if spec.mla is not None else KVCache)(spec, dtype=dtype, device=device)
+        # MLA: None picks per call whichever of absorbed / expanded attention costs fewer
+        # multiply-adds (absorbed at decode); True / False force one (tests compare both).
+        self.mla_absorb: bool | None = None
         self._rope_len = 0
         self._ensure_rope(256)
         self._all_units = [torch.arange(f.num_experts * s) for f, s in zip(spec.ffn, parts)]
@@ -249,10 +351,15 @@ class Transformer:
     def _ensure_rope(self, positions: int) -> None:
         if positions > self._rope_len:
             n = min(max(positions, 2 * self._rope_len), max(positions, self.spec.max_position))
-            self.cos, self.sin = rope_tables(self.spec, n, self.device)
-            self.cos, self.sin = self.cos.to(self.dtype), self.sin.to(self.dtype)
-            half = self.sin.shape[-1] // 2
-            self.sin_signed = torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1)  # [positions, hd]
+            if self.spec.mla is not None:
+                # float32 tables, kept so: transformers rotates MLA's rotary parts in float32.
+                self.cos, self.sin = mla_rope_tables(self.spec, n, self.device)  # [positions, R/2]
+                self.sin_signed = self.sin  # the pairwise rotation takes sin as it is
+            else:
+                self.cos, self.sin = rope_tables(self.spec, n, self.device)
+                self.cos, self.sin = self.cos.to(self.dtype), self.sin.to(self.dtype)
+                half = self.sin.shape[-1] // 2
+                self.sin_signed = torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1)  # [positions, hd]
             self._rope_len = n
 
     def reset(self, keep: int = 0) -> None:
@@ -272,8 +379,9 @@ class Transformer:
         sin = self.sin_signed[start:start + T, None, :]  # [T, 1, hd], sign folded in (see _rope)
         if T == 1 and self.planner is not None:
             self.planner.start_token()
+        attention = self._attention if self.spec.mla is None else self._mla_attention
         for layer, lw in enumerate(self.w.layers):
-            h = h + self._attention(layer, lw, _rms(h, lw.attn_norm, self.spec.rms_norm_eps), cos, sin, start)
+            h = h + attention(layer, lw, _rms(h, lw.attn_norm, self.spec.rms_norm_eps), cos, sin, start)
             h = h + self._ffn(layer, lw, _rms(h, lw.ffn_norm, self.spec.rms_norm_eps), h)
         self.cache.length = start + T
         if not all_logits:
@@ -309,6 +417,33 @@ class Transformer:
         out = _attend(q, kc[:, :end], vc[:, :end], start)  # [T, H*hd]
         return lw.wo(out)  # [T, D]
 
+    def _mla_attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, start: int) -> torch.Tensor:
+        """Multi-head latent attention (DeepSeek-V2) over the compressed cache; cos, sin [T, 1, R/2]."""
+        m, mw = self.spec.mla, lw.mla
+        T, H, C, R, dn = x.shape[0], self.spec.num_heads, m.kv_lora_rank, m.qk_rope_head_dim, m.qk_nope_head_dim
+        qkv = lw.wqkv(x)  # [T, Q+C+R], Q = H*(dn+R) or q_lora_rank
+        if lw.bqkv is not None:
+            qkv = qkv + lw.bqkv
+        q, kv = qkv.split((qkv.shape[1] - C - R, C + R), dim=-1)  # [T, Q], [T, C+R]
+        if mw.wq_b is not None:
+            q = mw.wq_b(_rms(q, mw.q_a_norm, _MLA_NORM_EPS))  # [T, H*(dn+R)]
+        q = q.view(T, H, dn + R)
+        end = start + T
+        lat = self.cache.latent[layer]  # [capacity, C+R]
+        lat[start:end, :C] = _rms(kv[:, :C], mw.kv_a_norm, _MLA_NORM_EPS)  # normed latent
+        lat[start:end, C:] = _rope_pairs(kv[:, C:], cos[:, 0], sin[:, 0])  # [T, R] rotary key, shared by heads
+        q_pe = _rope_pairs(q[..., dn:], cos, sin)  # [T, H, R]
+        absorb = self.mla_absorb
+        if absorb is None:
+            absorb = _absorb_cheaper(m, T, end)
+        if absorb and isinstance(mw.kv_b, FloatLinear):
+            out = _mla_absorbed(q[..., :dn], q_pe, lat[:end], mw.kv_b.weight, m, start)  # [T, H*dv]
+        else:  # a quantized kv_b_proj is only applied as a whole (x @ W^T): expand
+            out = _mla_expanded(q[..., :dn], q_pe, lat[:end], mw.kv_b, m, start)  # [T, H*dv]
+        out = lw.wo(out)  # [T, D]
+        return out if mw.bo is None else out + mw.bo
+
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router weights and experts of each token: topv, topi [T, k]."""
         f, lw = self.spec.ffn[layer], self.w.layers[layer]
@@ -321,9 +456,13 @@ class Transformer:
             return self._dense_route[key]
         logits = F.linear(x, lw.router, lw.router_bias)  # [T, E]
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
+        if f.topk_group < f.n_group:
+            probs = _group_limited(probs, f.n_group, f.topk_group)  # [T, E], 0 outside the kept groups
         topv, topi = torch.topk(probs, min(f.top_k, self.route_top_k or f.top_k), dim=-1)  # [T, k]
         if f.norm_topk_prob:
             topv = topv / topv.sum(dim=-1, keepdim=True)
+        if f.routed_scaling_factor != 1.0:
+            topv = topv * f.routed_scaling_factor
         return topv.to(x.dtype), topi
 
     def _ffn(self, layer: int, lw: LayerWeights, x: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
@@ -336,7 +475,9 @@ class Transformer:
             gu = lw.shared_gu(x)  # [T, 2*Ws]
             g, u = gu.chunk(2, dim=-1)
             shared = lw.shared_down(F.silu(g) * u)  # [T, D]
-            out = out + torch.sigmoid(F.linear(x, lw.shared_gate)) * shared
+            if lw.shared_gate is not None:  # qwen2_moe gates its shared expert; deepseek_v2 does not
+                shared = torch.sigmoid(F.linear(x, lw.shared_gate)) * shared
+            out = out + shared
         return out
 
     def part_scores(self, layer: int, x: torch.Tensor, topi: torch.Tensor) -> torch.Tensor | None:
@@ -426,3 +567,65 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> to
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None],  # [1, H, T|L, hd]
                                          attn_mask=mask, is_causal=start == 0)
     return out[0].transpose(0, 1).reshape(T, H * hd)  # [T, H*hd]
+
+
+def _group_limited(probs: torch.Tensor, groups: int, keep: int) -> torch.Tensor:
+    """Router probabilities [T, E] with every expert outside each token's ``keep`` best groups
+    (ranked by their best expert) set to 0, as DeepSeek-V2's group_limited_greedy."""
+    T, E = probs.shape
+    best = probs.view(T, groups, E // groups).amax(dim=-1)  # [T, G]
+    top = torch.topk(best, keep, dim=-1).indices  # [T, keep]
+    kept = torch.zeros_like(best, dtype=torch.bool).scatter_(1, top, True)  # [T, G]
+    return probs.masked_fill(~kept.repeat_interleave(E // groups, dim=1), 0.0)  # [T, E]
+
+
+def _absorb_cheaper(m: MLASpec, T: int, L: int) -> bool:
+    """Whether absorbing kv_b_proj into the queries and the output costs fewer multiply-adds
+    (per head) than expanding keys and values at every cached position: at decode, unless
+    the cache is one position long; a fresh prefill expands (2C > dn + dv in every release)."""
+    C, R, dn, dv = m.kv_lora_rank, m.qk_rope_head_dim, m.qk_nope_head_dim, m.v_head_dim
+    expanded = L * (C * (dn + dv) + T * (dn + R + dv))
+    absorbed = T * (C * (dn + dv) + L * (2 * C + R))
+    return absorbed < expanded
+
+
+def _mla_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, lat: torch.Tensor, kv_b: Linear,
+                  m: MLASpec, start: int) -> torch.Tensor:
+    """MLA as transformers computes it: per-head keys [dn | R] and values [dv] expanded from
+    every cached latent, then attention. q_nope [T, H, dn], q_pe [T, H, R], lat [L, C+R] -> [T, H*dv]."""
+    T, H, dn = q_nope.shape
+    L, C, dv = lat.shape[0], m.kv_lora_rank, m.v_head_dim
+    kv = kv_b(lat[:, :C].contiguous()).view(L, H, dn + dv)  # [L, H, dn+dv]
+    k = kv.new_empty(H, L, dn + m.qk_rope_head_dim)  # [H, L, dn+R]
+    k[..., :dn] = kv[..., :dn].transpose(0, 1)
+    k[..., dn:] = lat[:, C:]  # the one rotary key, every head
+    v = kv[..., dn:].transpose(0, 1)  # [H, L, dv]
+    q = torch.cat((q_nope, q_pe), dim=-1).transpose(0, 1)  # [H, T, dn+R]
+    mask = None
+    if start > 0:
+        pos_q = torch.arange(start, start + T, device=q.device)[:, None]
+        mask = pos_q >= torch.arange(L, device=q.device)[None, :]  # [T, L]
+    out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,  # [1, H, T, dv]
+                                         is_causal=start == 0 and T > 1, scale=m.softmax_scale)
+    return out[0].transpose(0, 1).reshape(T, H * dv)  # [T, H*dv]
+
+
+def _mla_absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, lat: torch.Tensor, w: torch.Tensor,
+                  m: MLASpec, start: int) -> torch.Tensor:
+    """MLA with kv_b_proj absorbed: queries move into the latent space (q_nope W_uk) and the
+    output leaves it (W_uv), so attention reads the cached rows as they are, no expansion.
+    w: kv_b_proj's weight [H*(dn+dv), C]; shapes as in _mla_expanded."""
+    T, H, dn = q_nope.shape
+    L, C, dv = lat.shape[0], m.kv_lora_rank, m.v_head_dim
+    w = w.view(H, dn + dv, C)  # [H, dn+dv, C]
+    q_lat = torch.matmul(q_nope.transpose(0, 1), w[:, :dn])  # [H, T, C]
+    q = torch.cat((q_lat, q_pe.transpose(0, 1)), dim=-1)  # [H, T, C+R]
+    scores = torch.matmul(q, lat.t()) * m.softmax_scale  # [H, T, L]
+    if T > 1:
+        pos_q = torch.arange(start, start + T, device=q.device)[:, None]
+        future = torch.arange(L, device=q.device)[None, :] > pos_q  # [T, L]
+        scores = scores.masked_fill(future, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # [H, T, L]
+    o_lat = torch.matmul(probs, lat[:, :C])  # [H, T, C]
+    out = torch.matmul(o_lat, w[:, dn:].transpose(1, 2))  # [H, T, dv]
+    return out.transpose(0, 1).reshape(T, H * dv)  # [T, H*dv]

@@ -45,6 +45,14 @@ _COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=64, num_hidden_layers=2, num_a
                eos_token_id=IM_END_ID, pad_token_id=ENDOFTEXT_ID, tie_word_embeddings=False)
 _QWEN2_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
                   shared_expert_intermediate_size=256, intermediate_size=256)
+_DEEPSEEK = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, n_shared_experts=2,
+                 intermediate_size=256, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
+                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, topk_method="greedy",
+                 # Sharper attention than the 0.02 default: a 1% error in the softmax scale or the
+                 # rotary factor then moves the logits ~1% (measured), far above the parity tolerance.
+                 initializer_range=0.08,
+                 rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64, mscale=0.707,
+                                   mscale_all_dim=0.707, beta_fast=32, beta_slow=1))
 TINY_FAMILIES: dict[str, dict] = {
     "llama": dict(model_type="llama", intermediate_size=256),
     "qwen2_moe": dict(model_type="qwen2_moe", **_QWEN2_MOE),
@@ -57,6 +65,19 @@ TINY_FAMILIES: dict[str, dict] = {
                       intermediate_size=256, norm_topk_prob=True),
     "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, intermediate_size=128),
     "olmoe": dict(model_type="olmoe", num_experts=8, num_experts_per_tok=2, intermediate_size=128),
+    # Multi-head latent attention (value width 12 != query/key width 16 + 8), one leading dense
+    # layer, two ungated shared experts. DeepSeek-V2-Lite's shape: no low-rank query, greedy
+    # routing, yarn with mscale == mscale_all_dim (softmax scale x mscale^2, rotary factor 1).
+    "deepseek_v2": dict(model_type="deepseek_v2", num_hidden_layers=3, num_key_value_heads=4, **_DEEPSEEK),
+    # DeepSeek-V2's shape: low-rank query, group-limited routing (top 3 experts of the best 2
+    # of 4 groups: fewer groups than top-k, so the limit changes selections), routed weights
+    # x2.5, yarn with mscale != mscale_all_dim (rotary factor != 1).
+    "deepseek_v2-grouped": dict(
+        model_type="deepseek_v2", num_hidden_layers=3, num_key_value_heads=4,
+        **{**_DEEPSEEK, "q_lora_rank": 48, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+           "num_experts_per_tok": 3, "routed_scaling_factor": 2.5,
+           "rope_scaling": dict(type="yarn", factor=4.0, original_max_position_embeddings=64, mscale=1.0,
+                                mscale_all_dim=0.8, beta_fast=32, beta_slow=1)}),
 }
 
 
