@@ -234,7 +234,8 @@ def cmd_refactor(args: argparse.Namespace) -> int:
     from edge_prism.refactor.refactor import RefactorConfig, refactor
 
     cfg = RefactorConfig(sub_experts=args.sub_experts, calib_files=tuple(Path(f) for f in args.calib_file),
-                         calib_tokens=args.calib_tokens, solver=args.solver, seed=args.seed,
+                         calib_tokens=args.calib_tokens, generated_share=args.generated_share,
+                         solver=args.solver, seed=args.seed,
                          default_gate=args.gate, quant=args.quant, group_size=args.group_size)
     report = refactor(args.model, Path(args.out), cfg, force=args.force, progress=True)
     obj = ", ".join(f"{k} {v:.4g}" for k, v in sorted(report.objective.items()))
@@ -347,8 +348,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     ref.add_argument("--sub-experts", type=int, default=None,
                      help="sub-experts per expert (default: 16 per dense FFN, 8 per routed expert)")
     ref.add_argument("--calib-file", action="append", default=[],
-                     help="calibration text file (repeatable; default: Python stdlib docstrings)")
+                     help="calibration text file (repeatable; default: text the model writes itself from "
+                          "fixed prompts, cached per model, plus Python stdlib docstrings)")
     ref.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens")
+    ref.add_argument("--generated-share", type=float, default=0.5,
+                     help="without --calib-file: share of the calibration tokens the model writes itself "
+                          "(0: docstrings only; default 0.5)")
     ref.add_argument("--solver", default="anneal", choices=("anneal", "greedy", "contiguous", "random"))
     ref.add_argument("--gate", default="linear", choices=("proxy", "linear"),
                      help="default sub-expert gate (both are stored; linear measured better)")

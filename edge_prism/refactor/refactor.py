@@ -1,12 +1,14 @@
 """Offline refactoring: experts -> sub-experts, without retraining.
 
-calibration text -> [model with FFN observer] -> per expert: routed inputs x (capped,
-reservoir-sampled) -> act = silu(x W_gate) * (x W_up) -> [partition solver] -> neuron
+calibration text (the model's own replies to fixed prompts + stdlib docstrings, or --calib-file)
+-> [model with FFN observer] -> per expert: routed inputs x (capped, reservoir-sampled) -> act = silu(x W_gate) * (x W_up) -> [partition solver] -> neuron
 permutation, parts ordered hottest first -> [gates: proxy + linear] -> prism checkpoint
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import math
 import time
@@ -28,6 +30,7 @@ from edge_prism.prefetch.predictor import RegressionStats, fit_correction
 from edge_prism.loaders import open_checkpoint, resolve_model
 from edge_prism.refactor import gates as gatelib
 from edge_prism.refactor.corpus import stdlib_text
+from edge_prism.refactor.selfgen import GenerationRecipe, generated_text
 from edge_prism.refactor.partition import (SOLVERS, group_size_ok, partition, partition_objective,
                                            permutation_from_groups)
 from edge_prism.refactor.prism import (qmatrix_tensors, check_out_dir, estimate_prism_bytes, file_stats, hash_files, is_prism,
@@ -53,12 +56,16 @@ class RefactorConfig:
     """Knobs of one refactoring run."""
 
     sub_experts: int | None = None  # None: 16 per dense FFN, 8 per routed expert
-    calib_files: tuple[Path, ...] = ()  # empty: the standard library's docstrings (calib split)
+    calib_files: tuple[Path, ...] = ()  # empty: generated text + the stdlib's docstrings (calib split)
     calib_tokens: int = 8192
+    # Without calib_files, this share of calib_tokens is text the model writes itself from fixed
+    # seed prompts (refactor.selfgen), the rest stdlib docstrings; 0: docstrings only.
+    generated_share: float = 0.5
     solver: str = "anneal"
     seed: int = 0
     rows_per_expert: int = 2048
     gate_neurons: int = 4
+    gate_ridge: float = 1e-3  # linear gate's ridge penalty, relative to the mean input variance
     seq_len: int = 512
     keep_fraction: float = 0.75  # the operating point the solver tunes for: keep 3N/4 parts
     default_gate: str = DEFAULT_GATE
@@ -70,6 +77,8 @@ class RefactorConfig:
             raise ConfigError(f"invalid solver '{self.solver}': use one of {', '.join(SOLVERS)}")
         if self.calib_tokens < 16:
             raise ConfigError(f"invalid calib_tokens {self.calib_tokens}: use at least 16")
+        if not 0.0 <= self.generated_share <= 1.0:
+            raise ConfigError(f"invalid generated_share {self.generated_share}: use a fraction in [0, 1]")
         if self.sub_experts is not None and self.sub_experts < 1:
             raise ConfigError(f"invalid sub_experts {self.sub_experts}: use 1 or more")
         if self.default_gate not in gatelib.GATE_KINDS:
@@ -104,8 +113,9 @@ def parts_for(spec: ModelSpec, requested: int | None) -> list[int]:
     return out
 
 
-def calibration_ids(tokenizer, cfg: RefactorConfig) -> torch.Tensor:
-    """Calibration token ids [T] from the given files or the standard library's docstrings."""
+def calibration_ids(tokenizer, cfg: RefactorConfig, generated: str = "") -> torch.Tensor:
+    """Calibration token ids [T]: the given files, else ``generated`` text (the model's own,
+    at most ``generated_share`` of the budget) followed by the standard library's docstrings."""
     if cfg.calib_files:
         texts = []
         for f in cfg.calib_files:
@@ -113,13 +123,23 @@ def calibration_ids(tokenizer, cfg: RefactorConfig) -> torch.Tensor:
                 texts.append(Path(f).read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{f}: cannot read calibration text ({e}); give a UTF-8 text file") from None
-        text = "\n\n".join(texts)
+        ids = tokenizer.encode("\n\n".join(texts), add_bos=False)[: cfg.calib_tokens]
     else:
-        text = stdlib_text("calib")
-    ids = tokenizer.encode(text, add_bos=False)[: cfg.calib_tokens]
+        ids = tokenizer.encode(generated, add_bos=False)[: generated_tokens(cfg)] if generated else []
+        ids += tokenizer.encode(stdlib_text("calib"), add_bos=False)[: cfg.calib_tokens - len(ids)]
     if len(ids) < 16:
         raise ConfigError(f"calibration text has only {len(ids)} tokens; give more text (--calib-file)")
     return torch.tensor(ids)
+
+
+def generated_tokens(cfg: RefactorConfig) -> int:
+    """Tokens of self-generated calibration text in a run of ``cfg`` (0 with --calib-file)."""
+    return 0 if cfg.calib_files else int(cfg.calib_tokens * cfg.generated_share)
+
+
+def generation_recipe(cfg: RefactorConfig) -> GenerationRecipe:
+    """How a run of ``cfg`` generates its calibration text."""
+    return GenerationRecipe(tokens=generated_tokens(cfg), seed=cfg.seed)
 
 
 class _Collector:
@@ -164,8 +184,13 @@ class _Collector:
         if rest.shape[0]:
             idx = torch.arange(seen + take, seen + xe.shape[0])  # overall positions
             pick = (torch.rand(rest.shape[0], generator=self.gen) * (idx + 1)).long()
-            keep = pick < self.cap
-            buf[pick[keep]] = rest[keep]
+            keep = (pick < self.cap).nonzero().squeeze(1)  # [K] rows that replace a slot
+            # Two rows of one batch may pick the same slot: as in the one-at-a-time algorithm,
+            # the later one wins. (An index_put_ with repeated indices keeps an arbitrary one,
+            # which made refactoring nondeterministic.)
+            last = torch.full((self.cap,), -1).scatter_reduce_(0, pick[keep], keep, reduce="amax")
+            slots = (last >= 0).nonzero().squeeze(1)  # [K'] distinct slots
+            buf[slots] = rest[last[slots]]
         self.seen[key] = seen + xe.shape[0]
 
     def inputs(self, layer: int, expert: int) -> torch.Tensor:
@@ -208,8 +233,12 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
     # The same tensors in their stored bits, where the source is quantized (GGUF).
     qreader = TensorReader(raw.tensors, path, dtype=torch.float32, device=cpu, backend=Int4Backend(cpu))
     formats = [_unit_format(spec, qreader, layer, parts[layer], cfg) for layer in range(spec.num_layers)]
+    files = [Path(f).resolve() for f in raw.files]
+    source_sha = hash_files(files)
+    recipe = generation_recipe(cfg)
+    generated = generated_text(path, source_sha, recipe, progress=progress)
     model_ = build_plain(spec, reader, dtype=torch.float32, device=cpu)
-    ids = calibration_ids(raw.tokenizer, cfg)
+    ids = calibration_ids(raw.tokenizer, cfg, generated)
 
     collector = _Collector(spec, cfg.rows_per_expert, cfg.seed)
     model_.ffn_observer = collector
@@ -248,19 +277,21 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
                                                  for n in expert_names_shapes(spec, layer)}
     dense = _dense_tensors(spec, raw, qreader, sorted(dense_names), cfg, store_dtype,
                            quantized=any(formats) or cfg.quant in ("int4", "int8"), errors=errors)
-    files = [Path(f).resolve() for f in raw.files]
     manifest = {
         "source": {"path": str(path.resolve()), "files": [str(f) for f in files],
-                   "sha256": hash_files(files), "stats": file_stats(files)},
+                   "sha256": source_sha, "stats": file_stats(files)},
         "family": spec.family,
         "config": raw.config,
         "sub_experts": parts,
         "default_operating_point": None,  # None: full K
         "gates": {"default": cfg.default_gate, "kinds": list(gatelib.GATE_KINDS),
                   "neurons_per_group": cfg.gate_neurons},
-        "calibration": {"source": [str(f) for f in cfg.calib_files] or "python-stdlib-docstrings:calib",
+        "calibration": {"source": [str(f) for f in cfg.calib_files] or _default_sources(recipe),
                         "tokens": collector.tokens, "rows_per_expert": cfg.rows_per_expert,
-                        "seed": cfg.seed},
+                        "seed": cfg.seed,
+                        "generated": ({"recipe": dataclasses.asdict(recipe),
+                                       "sha256": hashlib.sha256(generated.encode()).hexdigest()}
+                                      if generated else None)},
         "solver": {"name": cfg.solver, "keep_fraction": cfg.keep_fraction,
                    "objective_per_token": objective},
         "tokenizer": _tokenizer_files(path),
@@ -274,6 +305,10 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
                 extra=raw.tokenizer.save)
     return RefactorReport(out=out, seconds=time.perf_counter() - start, calib_tokens=collector.tokens,
                           objective=objective)
+
+
+def _default_sources(recipe: GenerationRecipe) -> list[str]:
+    return ([f"self-generated:{recipe.prompts}"] if recipe.tokens else []) + ["python-stdlib-docstrings:calib"]
 
 
 def _unit_format(spec: ModelSpec, qreader: TensorReader, layer: int, parts: int,
@@ -413,7 +448,7 @@ def _refactor_layer(spec: ModelSpec, reader: TensorReader, qreader: TensorReader
             source = expert_qmatrices(spec, qreader, layer, e)
             blocks[e * parts:(e + 1) * parts] = quantized_parts(wg, wu, wd, parts, perm, fmt, source, errors)
         proxy = gatelib.fit_proxy_gate(acts, wg, wu, groups, parts, neurons_per_group=cfg.gate_neurons)
-        linear = gatelib.fit_linear_gate(x, acts, groups, parts)
+        linear = gatelib.fit_linear_gate(x, acts, groups, parts, ridge=cfg.gate_ridge)
         proxy_rows.append(proxy.rows)
         lin_w.append(linear.weight)
         lin_b.append(linear.bias)
