@@ -182,14 +182,15 @@ def _build_prism(path: Path, cfg: RuntimeConfig, *, dtype: torch.dtype, device: 
         store, kernels = _budgeted_store(pc, spec, k, cfg, backend, dtype=dtype, device=device)
     weights = build_weights(spec, reader)
     model = Transformer(spec, weights, store, parts=parts, kernels=kernels, dtype=dtype, device=device)
-    if k != full or cfg.token_latency_ms is not None:
-        if kind == "oracle":
-            from edge_prism.select import LayerGate
+    # Gates are loaded at every K (they are small), so Engine.set_operating_point can move to
+    # any K later; at full K nothing reads them.
+    if kind == "oracle":
+        from edge_prism.select import LayerGate
 
-            model.gates = [LayerGate("oracle", float_pool(pc, layer, dtype=dtype, device=device),
-                                     spec.ffn[layer].num_experts) for layer in range(spec.num_layers)]
-        else:
-            model.gates = [_layer_gate(pc, layer, kind, dtype, device) for layer in range(spec.num_layers)]
+        model.gates = [LayerGate("oracle", float_pool(pc, layer, dtype=dtype, device=device),
+                                 spec.ffn[layer].num_experts) for layer in range(spec.num_layers)]
+    else:
+        model.gates = [_layer_gate(pc, layer, kind, dtype, device) for layer in range(spec.num_layers)]
     if k != full:  # full K needs no gate: the exact path stays untouched
         model.selector = SubExpertSelector(spec, parts, model.gates, k)
     if cfg.prefetch and hasattr(store, "prefetch"):  # only a store that streams can prefetch

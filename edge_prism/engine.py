@@ -139,6 +139,31 @@ class Engine:
         self.model.reset(0)
         self._cached = []
 
+    def set_operating_point(self, k: int) -> None:
+        """Compute ``k`` active sub-experts per token per MoE layer from now on, without
+        reloading: only the selector is rebuilt (weights, gates, memory budget and prefetcher
+        stay). The KV cache is forgotten, so what follows equals ``load(..., operating_point=k)``.
+
+        Under a memory budget planned at a smaller K, a larger ``k`` still computes exactly;
+        a selection larger than the dynamic slots then passes through them in rounds (slower).
+        """
+        from numbers import Integral
+
+        from edge_prism.select import SubExpertSelector, check_operating_point, max_operating_point
+
+        m = self.model
+        if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
+            raise ConfigError(f"invalid operating point {k!r}: use a whole number of active sub-experts "
+                              "per token per layer, 1 or more")
+        if m.operating_point is None:
+            raise ConfigError(f"{self.source}: operating points need a prism checkpoint; run `edge-prism "
+                              f"refactor {self.source} --out DIR` and load DIR")
+        k = check_operating_point(int(k), m.spec, m.parts)
+        full = max_operating_point(m.spec, m.parts)
+        m.selector = None if k == full else SubExpertSelector(m.spec, m.parts, m.gates, k)
+        m.operating_point = k
+        self.reset()
+
     # -- generation ----------------------------------------------------------------------
     def _check_ids(self, ids: list[int], *, scoring: bool = False) -> None:
         # Generation needs one free position after the prompt; scoring does not.

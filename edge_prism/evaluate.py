@@ -33,7 +33,9 @@ class QualityRow:
 
 
 def eval_ids(tokenizer, text_file: Path | None, max_tokens: int) -> torch.Tensor:
-    """Evaluation token ids [T] from ``text_file`` or the stdlib docstrings' eval split."""
+    """Evaluation token ids [T] from ``text_file`` or the stdlib docstrings' eval split
+    (other held-out domains: ``corpus.heldout_text``, written to a file by
+    scripts/quality_domains.py)."""
     from edge_prism.refactor.corpus import stdlib_text
 
     if text_file is None:
@@ -94,8 +96,6 @@ def evaluate_model(model, cfg, *, text_file: Path | None = None, points: str = "
                    progress: bool = True) -> tuple[list[QualityRow], dict[str, list[int]]]:
     """Quality rows for ``model`` (prism: every requested K; plain: the full model only),
     plus the top-k' baseline of MoE models, and the usable operating points per curve."""
-    from dataclasses import replace
-
     from edge_prism.api import default_prism, load_with
     from edge_prism.refactor.prism import is_prism, write_json_atomic
     from edge_prism.select import max_operating_point
@@ -110,8 +110,11 @@ def evaluate_model(model, cfg, *, text_file: Path | None = None, points: str = "
     rows: list[QualityRow] = []
     wanted = parse_points(points, full) if prism else [full]
     for k in tqdm(sorted(wanted, reverse=True), desc="operating points", disable=not progress):
-        e = engine if k == full else load_with(model, replace(cfg, operating_point=k))
-        rows.append(QualityRow(k, perplexity(e, ids), "prism", tokens=ids.numel()))
+        if prism:
+            engine.set_operating_point(k)  # one loaded model for every point
+        rows.append(QualityRow(k, perplexity(engine, ids), "prism", tokens=ids.numel()))
+    if prism:
+        engine.set_operating_point(full)
     if baseline and spec.is_moe:
         top_k = max(f.top_k for f in spec.ffn if f.routed)
         per_expert = max(parts[i] for i, f in enumerate(spec.ffn) if f.routed)

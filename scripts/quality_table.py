@@ -40,8 +40,9 @@ def measure(model: str, solvers: list[str], gates: list[str], max_tokens: int, w
                  "full_perplexity": full_ppl, "gates": {}}
         for gate in gates:
             rows = [QualityRow(full, full_ppl, "prism", tokens=ids.numel())]
+            e = load_with(prism, RuntimeConfig(device="cpu", gate=gate))  # one load, every K
             for k in range(full - 1, 0, -1):
-                e = load_with(prism, RuntimeConfig(device="cpu", operating_point=k, gate=gate))
+                e.set_operating_point(k)
                 rows.append(QualityRow(k, perplexity(e, ids), "prism", tokens=ids.numel()))
                 print(f"{solver:10} {gate:6} K={k:3d} ppl={rows[-1].perplexity:9.3f} "
                       f"x{rows[-1].perplexity / full_ppl:.3f}", file=sys.stderr, flush=True)

@@ -1,0 +1,82 @@
+"""Engine.set_operating_point: one loaded prism serves every operating point, and each point
+computes what a fresh load at that point computes (synthetic tiny weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import edge_prism
+from edge_prism.errors import ConfigError
+
+PROMPT = list(range(40, 72))  # 32 byte tokens
+
+
+def full_k(engine) -> int:
+    from edge_prism.select import max_operating_point
+
+    return max_operating_point(engine.spec, engine.model.parts)
+
+
+@pytest.mark.parametrize("family", ["llama", "olmoe"])  # dense (K of 16 per FFN) and MoE (K of 8 x top-2)
+@pytest.mark.parametrize("gate", ["linear", "proxy"])
+def test_switching_gives_the_logits_of_a_fresh_load(family, gate, prism_of):
+    path = prism_of(family)
+    engine = edge_prism.load(path, gate=gate)  # loaded at full K
+    full = full_k(engine)
+    for k in (3, full - 1, 1, full, 5):
+        engine.set_operating_point(k)
+        fresh = edge_prism.load(path, gate=gate, operating_point=k)
+        assert engine.model.operating_point == k
+        assert torch.equal(engine.logits(PROMPT), fresh.logits(PROMPT)), k
+
+
+def test_a_low_point_load_reaches_full_k_exactly(prism_of, tiny_engines):
+    engine = edge_prism.load(prism_of("olmoe"), operating_point=2)
+    engine.set_operating_point(full_k(engine))
+    torch.testing.assert_close(engine.logits(PROMPT), tiny_engines("olmoe").logits(PROMPT), rtol=1e-4, atol=1e-4)
+
+
+def test_generation_after_a_switch_starts_afresh(prism_of):
+    path = prism_of("llama")
+    engine = edge_prism.load(path)
+    engine.generate_ids(PROMPT, max_new_tokens=4)  # leaves a KV cache computed at full K
+    engine.set_operating_point(4)
+    assert (engine.generate_ids(PROMPT, max_new_tokens=6)
+            == edge_prism.load(path, operating_point=4).generate_ids(PROMPT, max_new_tokens=6))
+
+
+def test_a_larger_point_than_the_budget_was_planned_for_still_computes_exactly(prism_of, min_budget):
+    path = prism_of("olmoe")
+    budgeted = edge_prism.load(path, operating_point=2, memory_budget=min_budget(path, 2), prefetch=False)
+    for k in (16, 9):
+        budgeted.set_operating_point(k)
+        torch.testing.assert_close(budgeted.logits(PROMPT), edge_prism.load(path, operating_point=k).logits(PROMPT),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [0, 17, -1, 2.5, True, "4"])
+def test_invalid_points_are_refused_like_load_refuses_them(prism_of, bad):
+    engine = edge_prism.load(prism_of("olmoe"), operating_point=4)  # 8 sub-experts x top-2 = 16 at most
+    with pytest.raises(ConfigError, match="operating point"):
+        engine.set_operating_point(bad)
+    assert engine.model.operating_point == 4  # unchanged
+
+
+def test_a_plain_checkpoint_names_the_fix(tiny_engines):
+    with pytest.raises(ConfigError, match="edge-prism refactor"):
+        tiny_engines("llama").set_operating_point(4)
+
+
+def test_evaluation_loads_the_prism_once(prism_of, monkeypatch):
+    import edge_prism.api as api
+    from edge_prism.evaluate import evaluate_model
+
+    loads = []
+    real = api.load_with
+    monkeypatch.setattr(api, "load_with", lambda *a, **kw: loads.append(a) or real(*a, **kw))
+    rows, usable = evaluate_model(prism_of("llama"), api.RuntimeConfig(), points="all", max_tokens=256,
+                                  progress=False)
+    assert len(loads) == 1
+    assert sorted(r.operating_point for r in rows) == list(range(1, 17))
+    assert 16 in usable["prism"]
