@@ -37,6 +37,7 @@ class RuntimeConfig:
     prefetch: bool = True  # predict and load later layers' sub-experts ahead of use (budgeted)
     token_latency_ms: float | None = None  # None: never drop sub-experts (exact)
     dequantize: bool = False  # expand quantized weights to the compute dtype at load (reference path)
+    host_tier: str = "auto"  # under a budget, sub-experts outside it: 'ram' (pinned), 'disk' or 'auto'
 
     def __post_init__(self) -> None:
         import math
@@ -53,21 +54,26 @@ class RuntimeConfig:
             raise ConfigError(f"invalid token latency budget {ms!r} ms: use a positive number of milliseconds")
         if self.policy not in POLICIES:
             raise ConfigError(f"invalid residency policy {self.policy!r}: use one of {', '.join(POLICIES)}")
+        if self.host_tier not in ("auto", "ram", "disk"):
+            raise ConfigError(f"invalid host tier {self.host_tier!r}: use auto, ram (sub-experts in pinned "
+                              "host RAM) or disk (read from the checkpoint file)")
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (str, Integral))
                                    or (isinstance(budget, Integral) and budget < 0)):
             raise ConfigError(f"invalid memory budget {budget!r}: use a byte count, '512MiB', '1.5GiB', "
                               "'25%' or 'auto'")
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
-        """The compute dtype for ``device``."""
-        from edge_prism.runtime.device import default_dtype
+        """The compute dtype for ``device`` (bfloat16 is refused where it is not native)."""
+        from edge_prism.runtime.device import check_compute_dtype, default_dtype
 
         if self.dtype is None:
             return default_dtype(device)
         try:
-            return _DTYPES[self.dtype]
+            dtype = _DTYPES[self.dtype]
         except KeyError:
             raise ConfigError(f"invalid dtype '{self.dtype}': use one of {', '.join(_DTYPES)}") from None
+        check_compute_dtype(device, dtype)
+        return dtype
 
 
 def load(model: str | Path | None = None, **options) -> Engine:
@@ -81,7 +87,12 @@ def load(model: str | Path | None = None, **options) -> Engine:
     '1.5GiB', a byte count, '25%' of all sub-experts, or 'auto'; the rest stream in,
     predicted and loaded ahead of use when ``prefetch``), ``policy``, ``prefetch``,
     ``token_latency_ms`` (a decode token runs with fewer sub-experts rather than miss this
-    budget) and ``dequantize`` (expand quantized weights to floats at load).
+    budget), ``dequantize`` (expand quantized weights to floats at load) and ``host_tier``
+    (where sub-experts outside the budget wait: 'ram', 'disk' or 'auto').
+
+    Every byte the engine will hold is counted first (:func:`memory_report`); a BudgetError
+    naming what to lower comes before anything is allocated. The engine holds threads and
+    memory until ``engine.close()``: ``with edge_prism.load(...) as engine:`` releases them.
     """
     known = {f.name for f in dataclasses.fields(RuntimeConfig)}
     unknown = sorted(set(options) - known)
@@ -137,13 +148,16 @@ def load_with(model: str | Path | None, cfg: RuntimeConfig) -> Engine:
                               f"run `edge-prism refactor {path} --out DIR` and load DIR")
         raw = open_checkpoint(path)
         spec = build_spec(raw.config, where=str(path / "config.json" if path.is_dir() else path))
+        _checked(_plain_memory(path, raw, spec, cfg, dtype=dtype, device=dev))
         reader = TensorReader(raw.tensors, path, dtype=dtype, device=dev, backend=_backend(cfg, dev))
         transformer, tokenizer = build_plain(spec, reader, dtype=dtype, device=dev), raw.tokenizer
     spec = transformer.spec
     max_ctx = spec.max_position if cfg.max_context is None else cfg.max_context
     if max_ctx < 2:
         raise ConfigError(f"invalid max_context {max_ctx}: use at least 2 tokens")
-    return Engine(transformer, tokenizer, source=path, max_context=min(max_ctx, spec.max_position))
+    engine = Engine(transformer, tokenizer, source=path, max_context=min(max_ctx, spec.max_position))
+    engine.config = cfg  # what memory_report(engine) and reloads need
+    return engine
 
 
 def _backend(cfg: RuntimeConfig, device: torch.device):
@@ -176,10 +190,12 @@ def _build_prism(path: Path, cfg: RuntimeConfig, *, dtype: torch.dtype, device: 
     if k is None:
         k = pc.manifest.get("default_operating_point") or full
     k = check_operating_point(k, spec, parts)
+    plan = _checked(_prism_memory(pc, spec, k, cfg, dtype=dtype, device=device))
     if cfg.memory_budget is None:
         store, kernels = _resident_store(pc, spec, backend, dtype=dtype, device=device)
     else:
-        store, kernels = _budgeted_store(pc, spec, k, cfg, backend, dtype=dtype, device=device)
+        store, kernels = _budgeted_store(pc, spec, k, cfg, backend, dtype=dtype, device=device,
+                                         budget_bytes=plan.memory_budget_bytes)
     weights = build_weights(spec, reader)
     model = Transformer(spec, weights, store, parts=parts, kernels=kernels, dtype=dtype, device=device)
     # Gates are loaded at every K (they are small), so Engine.set_operating_point can move to
@@ -239,8 +255,12 @@ def _resident_store(pc, spec: ModelSpec, backend, *, dtype: torch.dtype, device:
     return WholeBudgetStore(pools, units, budget_bytes=budget_bytes), kernels
 
 
-def layer_blocks(pc, spec: ModelSpec, k: int) -> list:
-    """Where each layer's blocks live and how many one token selects at operating point ``k``."""
+def layer_blocks(pc, spec: ModelSpec, k: int, *, dtype: torch.dtype | None = None) -> list:
+    """Where each layer's blocks live and how many one token selects at operating point ``k``.
+
+    ``dtype``: the compute dtype float blocks are held in (slots, host tiers), converted once
+    on their way in; None keeps the stored dtype. Quantized blocks stay bytes.
+    """
     from edge_prism.runtime.store import LayerBlocks
     from edge_prism.select import quotas
 
@@ -251,10 +271,12 @@ def layer_blocks(pc, spec: ModelSpec, k: int) -> list:
         else:
             most = S if spec.is_moe else min(k, S)
         blocks = pc.blocks(layer)
+        held = blocks.dtype if dtype is None or pc.unit_format(layer) is not None else dtype
         out.append(LayerBlocks(
             layer=layer, parts=S, units=blocks.shape[0], block_shape=tuple(blocks.shape[1:]),
-            dtype=blocks.dtype, offset=pc.block_range(layer)[0], order=pc.order(layer).tolist(),
-            frequency=pc.gate_tensor(f"layers.{layer}.frequency").tolist(), max_selection=most))
+            dtype=held, offset=pc.block_range(layer)[0], order=pc.order(layer).tolist(),
+            frequency=pc.gate_tensor(f"layers.{layer}.frequency").tolist(), max_selection=most,
+            storage_dtype=None if held == blocks.dtype else blocks.dtype))
     return out
 
 
@@ -264,22 +286,23 @@ def resolve_budget(budget: str | int, layers: list, *, device: torch.device, res
     from edge_prism.runtime.sizes import parse_size
     from edge_prism.runtime.store import _block_bytes
 
+    from edge_prism.runtime.accounting import auto_budget
+
     total = sum(lb.units * _block_bytes(lb) for lb in layers)
     if str(budget).strip().lower() == "auto":
-        # Leave room for the always-resident weights, the KV cache and the allocator.
-        free = free_memory_bytes(device) - resident_bytes
-        return max(0, min(total, int(free * 0.8)))
+        # ``resident_bytes``: everything else the engine holds (load() counts every item:
+        # see memory_report; sweeps pass the dense weights).
+        return auto_budget(free=free_memory_bytes(device), fixed=resident_bytes, experts=total)
     return min(total, parse_size(budget, total=total, what="memory budget"))
 
 
 def _budgeted_store(pc, spec: ModelSpec, k: int, cfg: RuntimeConfig, backend, *, dtype: torch.dtype,
-                    device: torch.device):
+                    device: torch.device, budget_bytes: int):
     from edge_prism.runtime.sizes import format_size
     from edge_prism.runtime.store import BudgetedStore, _block_bytes, minimum_budget, prism_tiers
 
-    layers = layer_blocks(pc, spec, k)
-    nbytes = resolve_budget(cfg.memory_budget, layers, device=device,
-                            resident_bytes=(pc.path / "dense.safetensors").stat().st_size)
+    layers = layer_blocks(pc, spec, k, dtype=dtype)
+    nbytes = budget_bytes
     total = sum(lb.units * _block_bytes(lb) for lb in layers)
     if nbytes >= total:
         # Everything fits: no streaming, and blocks stay in unit order (no gather copies).
@@ -295,10 +318,202 @@ def _budgeted_store(pc, spec: ModelSpec, k: int, cfg: RuntimeConfig, backend, *,
     if backend is None and any(formats.values()):
         raise ConfigError(f"{pc.path}: its sub-experts are quantized and stream as they are stored; "
                           "drop dequantize=True to run it under a memory budget")
-    tiers = prism_tiers(pc.path / "experts.safetensors", device, formats=formats, backend=backend)
+    tiers = prism_tiers(pc.path / "experts.safetensors", device, host=cfg.host_tier, formats=formats,
+                        backend=backend)
     kernels = [FloatUnits() if formats[layer] is None else QuantUnits(formats[layer], backend)
                for layer in range(spec.num_layers)]
     return BudgetedStore(tiers, layers, budget_bytes=nbytes, device=device, policy=cfg.policy), kernels
+
+
+def memory_report(model, cfg: RuntimeConfig | None = None) -> dict:
+    """Every byte an engine of ``model`` holds, per item and per memory, and whether it fits.
+
+    ``model``: what load() takes (a path, or None for the default model), or a loaded Engine
+    (its source and config). ``cfg``: the runtime options (default: the engine's, or
+    RuntimeConfig()). Nothing is allocated: sizes come from the checkpoint's headers.
+
+    Keys: ``dense_bytes`` (always-resident weights), ``kv_cache_bytes`` (at ``max_context``)
+    and ``kv_growth_bytes`` (more while it grows by doubling, worst case), ``workspace_bytes``
+    (activations of a max_context prefill, estimated), ``slot_pool_bytes`` (the budget's
+    slots, or every sub-expert when none), ``host_tier_bytes`` (sub-experts in page-locked
+    RAM), ``staging_bytes``; ``device_total_bytes`` and ``host_total_bytes`` against
+    ``device_free_bytes`` and ``host_available_bytes`` (for an engine, free memory is what is
+    left beside it); ``unified`` (one memory: CPU, integrated GPU), ``memory_budget_bytes``
+    (what 'auto' or '25%' stand for), ``fits`` and ``problem`` (the BudgetError load() gives).
+    """
+    from edge_prism.refactor.prism import is_prism, open_prism
+    from edge_prism.runtime.device import resolve_device
+
+    if isinstance(model, Engine):
+        cfg = cfg or getattr(model, "config", None) or RuntimeConfig()
+        path = model.source
+    else:
+        cfg = cfg or RuntimeConfig()
+        path = resolve_model(model)
+    device = resolve_device(cfg.device)
+    dtype = cfg.torch_dtype(device)
+    if is_prism(path):
+        from edge_prism.select import check_operating_point, max_operating_point
+
+        pc = open_prism(path)
+        spec = build_spec(pc.config, where=str(path / "prism.json"))
+        k = cfg.operating_point or pc.manifest.get("default_operating_point") or max_operating_point(spec, pc.parts)
+        try:
+            plan = _prism_memory(pc, spec, check_operating_point(k, spec, pc.parts), cfg, dtype=dtype, device=device)
+        except BudgetError as e:  # a budget below the minimum: reported, not raised
+            return {"device": str(device), "memory_budget_bytes": None, "fits": False, "problem": str(e)}
+    else:
+        raw = open_checkpoint(path)
+        spec = build_spec(raw.config, where=str(path / "config.json" if path.is_dir() else path))
+        plan = _plain_memory(path, raw, spec, cfg, dtype=dtype, device=device)
+    return plan.as_dict()
+
+
+def _checked(plan):
+    """Log the plan (``-v``) and raise its BudgetError when it does not fit."""
+    for line in plan.lines():
+        log.info("%s", line)
+    plan.check()
+    return plan
+
+
+def _max_context(spec: ModelSpec, cfg: RuntimeConfig) -> int:
+    return min(spec.max_position if cfg.max_context is None else max(cfg.max_context, 2), spec.max_position)
+
+
+def _kv_bytes_per_position(spec: ModelSpec, dtype: torch.dtype) -> int:
+    """Bytes of one cached position, from the model's own cache class on the meta device."""
+    from edge_prism import model as modellib
+
+    cls = getattr(modellib, "MLACache", None) if getattr(spec, "mla", None) is not None else modellib.KVCache
+    cache = cls(spec, dtype=dtype, device=torch.device("meta"), capacity=64)
+    return cache.nbytes() // max(cache.capacity, 1)
+
+
+def _workspace_bytes(spec: ModelSpec, parts: list[int], dtype: torch.dtype, tokens: int) -> int:
+    """Activations of the largest step, a prefill of ``tokens``: hidden states, q/k/v (and
+    grouped-query copies), the causal mask, one FFN kernel call (capped, see
+    model.FFN_WORKSPACE_BYTES) with its routing tensors, and the last token's logits. An
+    estimate: ``Engine.logits`` over T tokens holds T x vocab float32 logits more."""
+    from edge_prism.model import FFN_WORKSPACE_BYTES
+
+    b = dtype.itemsize
+    T, D, H, Hk, hd = tokens, spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    hidden = 4 * T * D * max(b, 4 if dtype == torch.float16 else b)
+    attention = 2 * T * (H + 2 * Hk) * hd * b + 2 * T * H * hd * b + T * T
+    if H != Hk:
+        attention += 2 * H * T * hd * b
+    ffn = 0
+    for f, S in zip(spec.ffn, parts):
+        units, n = f.num_experts * S, f.width // S
+        ffn = max(ffn, min(FFN_WORKSPACE_BYTES, units * T * (3 * n + D) * b) + units * T * b + T * f.num_experts * 4)
+    return hidden + attention + ffn + 2 * spec.vocab_size * 4
+
+
+def _safetensors_bytes(source, dtype: torch.dtype, *, dequantize: bool) -> int:
+    """Bytes of a safetensors source's tensors held as the model holds them: float tensors
+    in ``dtype``, quantized ones as stored (expanded when ``dequantize``)."""
+    total = 0
+    for name in source.names():
+        t = source.get(name)  # a view on the mapping: nothing is read
+        if name.endswith((".qcodes", ".qsz", ".qmeta")):
+            if dequantize and name.endswith(".qcodes"):
+                total += t.numel() * 2 * dtype.itemsize  # two 4-bit codes per byte
+            elif not dequantize:
+                total += t.numel() * t.element_size()
+        elif t.is_floating_point():
+            total += t.numel() * dtype.itemsize
+        else:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _memory_base(spec: ModelSpec, parts: list[int], cfg: RuntimeConfig, *, dtype: torch.dtype,
+                 device: torch.device) -> dict:
+    """The items every engine holds besides its weights, and the free memory now."""
+    from edge_prism.runtime.accounting import kv_positions
+    from edge_prism.runtime.device import free_memory_bytes, host_available_bytes, shares_host_memory
+
+    ctx = _max_context(spec, cfg)
+    per = _kv_bytes_per_position(spec, dtype)
+    rest, peak = kv_positions(ctx)
+    return dict(device=str(device), unified=shares_host_memory(device), max_context=ctx, kv_cache_bytes=ctx * per,
+                kv_growth_bytes=(peak - ctx) * per, workspace_bytes=_workspace_bytes(spec, parts, dtype, ctx),
+                device_free_bytes=free_memory_bytes(device), host_available_bytes=host_available_bytes())
+
+
+def _plain_memory(path: Path, raw, spec: ModelSpec, cfg: RuntimeConfig, *, dtype: torch.dtype,
+                  device: torch.device):
+    """The memory plan of a plain checkpoint: every weight resident."""
+    from edge_prism.runtime.accounting import MemoryReport
+
+    tensors = raw.tensors
+    if hasattr(tensors, "names") and type(tensors).__name__.startswith("Safetensors"):
+        weights = _safetensors_bytes(tensors, dtype, dequantize=cfg.dequantize)
+    else:  # GGUF: quantized weights stay quantized; the file's size is the estimate
+        files = [path] if path.is_file() else list(path.glob("*.gguf"))
+        weights = sum(f.stat().st_size for f in files)
+    parts = [plain_parts(f.width) for f in spec.ffn]
+    return MemoryReport(**_memory_base(spec, parts, cfg, dtype=dtype, device=device), dense_bytes=weights,
+                        slot_pool_bytes=0, host_tier_bytes=0, staging_bytes=0, memory_budget_bytes=None)
+
+
+def _prism_memory(pc, spec: ModelSpec, k: int, cfg: RuntimeConfig, *, dtype: torch.dtype,
+                  device: torch.device):
+    """The memory plan of a prism checkpoint at operating point ``k`` (budget resolved)."""
+    from edge_prism.runtime.accounting import MemoryReport, auto_budget
+    from edge_prism.runtime.device import default_workers, is_async
+    from edge_prism.runtime.sizes import format_size, parse_size
+    from edge_prism.runtime.store import _block_bytes, _stored_bytes, host_tier_kind, minimum_budget, plan_slots
+
+    base = _memory_base(spec, pc.parts, cfg, dtype=dtype, device=device)
+    dense = _safetensors_bytes(pc.dense_source.source, dtype, dequantize=cfg.dequantize)
+    gates = pc.path / "gates.safetensors"
+    dense += int(gates.stat().st_size * dtype.itemsize / 4) if gates.exists() else 0  # float32 on disk
+    layers = layer_blocks(pc, spec, k, dtype=dtype)
+    expanded = cfg.dequantize or _backend(cfg, device) is None
+    resident = sum(lb.units * (_block_bytes(lb) if pc.unit_format(lb.layer) is None or not expanded else
+                               3 * (spec.ffn[lb.layer].width // lb.parts) * spec.hidden_size * dtype.itemsize)
+                   for lb in layers)
+    experts = sum(lb.units * _block_bytes(lb) for lb in layers)
+    common = dict(base, dense_bytes=dense)
+    if cfg.memory_budget is None:
+        return MemoryReport(**common, slot_pool_bytes=resident, host_tier_bytes=0, staging_bytes=0,
+                            memory_budget_bytes=None)
+    workers = default_workers(device)
+    shapes = {}
+    for lb in layers:
+        shapes[(lb.block_shape, lb.dtype)] = max(_block_bytes(lb), _stored_bytes(lb))
+    converting = sum(workers * n for n in shapes.values())  # per-thread conversion buffers
+    text = str(cfg.memory_budget).strip().lower()
+    if text == "auto":
+        fixed = dense + base["kv_cache_bytes"] + base["kv_growth_bytes"] + base["workspace_bytes"]
+        if base["unified"]:  # the transfers' buffers share the memory the slots live in
+            fixed += converting + (sum((workers + 2) * n for n in shapes.values()) if is_async(device) else 0)
+        budget = auto_budget(free=base["device_free_bytes"], fixed=fixed, experts=experts)
+    else:
+        budget = min(experts, parse_size(cfg.memory_budget, total=experts, what="memory budget"))
+    if budget >= experts:  # every sub-expert fits: resident, nothing streams
+        return MemoryReport(**common, slot_pool_bytes=resident, host_tier_bytes=0, staging_bytes=0,
+                            memory_budget_bytes=budget)
+    m = minimum_budget(layers)
+    if budget < m:
+        why = (f"'auto' leaves {format_size(budget)} for sub-experts beside "
+               f"{MemoryReport(**common, slot_pool_bytes=0, host_tier_bytes=0, staging_bytes=0, memory_budget_bytes=0).items()}"
+               if text == "auto" else f"'{cfg.memory_budget}' is {format_size(budget)}")
+        fix = ("lower --max-context or --operating-point, or free device memory" if text == "auto" else
+               "raise --memory-budget or lower --operating-point")
+        raise BudgetError(f"memory budget {why}, below what one layer's largest selection needs: minimum is "
+                          f"{format_size(m)} ({m} bytes); {fix}")
+    slots = plan_slots(layers, budget)
+    pool = sum(slots[key] * _block_bytes(next(lb for lb in layers if (lb.block_shape, lb.dtype) == key))
+               for key in slots)
+    ram = host_tier_kind(device, cfg.host_tier, experts) == "ram"
+    staging = converting
+    if is_async(device) and not ram:
+        staging += sum((workers + 2) * n for n in shapes.values())
+    return MemoryReport(**common, slot_pool_bytes=pool, host_tier_bytes=experts if ram else 0,
+                        staging_bytes=staging, memory_budget_bytes=budget)
 
 
 def _prefetcher(pc, model: Transformer):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from edge_prism.errors import ConfigError, ContextLengthError, TokenizerError
+from edge_prism.errors import ConfigError, ContextLengthError, EngineBusyError, TokenizerError
 from edge_prism.model import Transformer
 from edge_prism.sampling import Sampler, SamplingConfig
 from edge_prism.spec import ModelSpec
@@ -43,7 +45,14 @@ class GenerationStats:
 
 
 class Engine:
-    """A model ready to generate. Build it with :func:`edge_prism.load`."""
+    """A model ready to generate. Build it with :func:`edge_prism.load`.
+
+    One generation at a time: callers from several threads are served in turn (a streamed
+    generation holds the engine until its generator is exhausted or closed); a second
+    generation started by the thread whose stream is still open is refused with
+    EngineBusyError rather than mixed into it. ``close()`` (or ``with``) releases threads,
+    pinned memory and slot pools at once.
+    """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, source: Path,
                  max_context: int, synthetic: bool = False):
@@ -54,6 +63,9 @@ class Engine:
         self.synthetic = synthetic  # random weights at real shapes: every figure is labelled
         self._cached: list[int] = []  # token ids whose keys/values are in the KV cache
         self._last = GenerationStats()
+        self._lock = threading.Lock()  # held for a whole generation (a plain Lock: a stream may be
+        self._owner: int | None = None  # closed from another thread than the one that opened it)
+        self._closed = False
 
     # -- public API ----------------------------------------------------------------------
     @property
@@ -128,16 +140,59 @@ class Engine:
             raise ConfigError(f"logits() takes a non-empty 1-D sequence of token ids, got shape "
                               f"{list(ids.shape)} of {ids.dtype}")
         self._check_ids(ids.tolist(), scoring=True)
-        self.model.reset(0)
-        self._cached = []
-        out = self.model.forward(ids.long(), all_logits=True)
-        self._cached = ids.tolist()
-        return out.cpu()
+        with self._exclusive():
+            self.model.reset(0)
+            self._cached = []
+            out = self.model.forward(ids.long(), all_logits=True)
+            self._cached = ids.tolist()
+            return out.cpu()
 
     def reset(self) -> None:
-        """Forget the KV cache (the next prompt is prefilled from scratch)."""
-        self.model.reset(0)
-        self._cached = []
+        """Forget the KV cache (the next prompt is prefilled from scratch) and release what an
+        interrupted generation left held in the runtime."""
+        with self._exclusive():
+            self.model.reset(0)
+            self._cached = []
+
+    def close(self) -> None:
+        """Release the runtime now: stop transfer threads (after the copies in flight), give
+        back slot pools, pinned host memory and the KV cache. Waits for a generation running
+        in another thread. Idempotent; the engine cannot generate afterwards (stats stay)."""
+        if self._closed:
+            return
+        with self._exclusive():
+            self._closed = True
+            m = self.model
+            m.prefetcher = m.planner = None  # the model <-> prefetcher cycle goes with them
+            close = getattr(m.store, "close", None)
+            if close is not None:
+                close()
+            m.cache = None  # the KV cache's device memory
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the engine for one generation (or reset, logits, close)."""
+        me = threading.get_ident()
+        if not self._lock.acquire(blocking=False):
+            if self._owner == me:
+                raise EngineBusyError("this thread's previous generation on this engine is still open (a "
+                                      "stream neither exhausted nor closed): close it first, e.g. "
+                                      "`for piece in stream: ...` to the end or `stream.close()`")
+            self._lock.acquire()  # another thread's generation: wait for it
+        try:
+            if self._closed:
+                raise EngineBusyError(f"the engine of {self.source} is closed: load the model again")
+            self._owner = me
+            yield
+        finally:
+            self._owner = None
+            self._lock.release()
 
     def set_operating_point(self, k: int) -> None:
         """Compute ``k`` active sub-experts per token per MoE layer from now on, without
@@ -184,15 +239,25 @@ class Engine:
 
     def _stream_text(self, ids: list[int], cfg: SamplingConfig) -> Iterator[str]:
         decoder = self.tokenizer.stream_decoder()
-        for tok in self._generate_ids(ids, cfg):
-            piece = decoder.push(tok)
-            if piece:
-                yield piece
+        tokens = self._generate_ids(ids, cfg)
+        try:
+            for tok in tokens:
+                piece = decoder.push(tok)
+                if piece:
+                    yield piece
+        finally:
+            tokens.close()  # releases the engine now, not when the generator is collected
         tail = decoder.flush()
         if tail:
             yield tail
 
     def _generate_ids(self, ids: list[int], cfg: SamplingConfig) -> Iterator[int]:
+        with self._exclusive():
+            yield from self._generate_locked(ids, cfg)
+
+    def _generate_locked(self, ids: list[int], cfg: SamplingConfig) -> Iterator[int]:
+        from edge_prism.runtime.device import compute_sync
+
         self._check_ids(ids)
         stops = self._stop_ids()
         # Reuse the cached prefix (multi-turn chat); always recompute at least one token.
@@ -215,6 +280,7 @@ class Engine:
         start = time.perf_counter()
         logits = self.model.forward(torch.tensor(ids[keep:]))  # [1, V]
         self._cached = list(ids)
+        compute_sync(self.model.device)  # device time, not enqueue time
         tick = time.perf_counter()
         stats.time_to_first_token_s = tick - start
         for step in range(budget):
@@ -228,6 +294,7 @@ class Engine:
             t0 = time.perf_counter()
             logits = self.model.forward(torch.tensor([tok]))
             self._cached.append(tok)  # only once its keys and values are in the cache
+            compute_sync(self.model.device)
             now = time.perf_counter()
             stats.token_latencies_s.append(now - t0)
             stats.decode_s += now - t0

@@ -54,3 +54,8 @@ class BudgetError(ConfigError):
 
 class TokenizerError(EdgePrismError):
     """The model has no usable tokenizer or chat template for the request."""
+
+
+class EngineBusyError(EdgePrismError):
+    """An engine is used while it cannot be: a generation of the same thread is still open
+    (a stream neither finished nor closed), or the engine was closed."""

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from edge_prism.kernels import Embedding, FFNKernel, FloatEmbedding, FloatLinear, Linear, block_ffn
+from edge_prism.runtime.device import HostCopy, to_device_async
 from edge_prism.spec import MLASpec, ModelSpec
 
 __all__ = ["LayerWeights", "MLAWeights", "Weights", "Transformer", "KVCache", "MLACache", "block_ffn",
@@ -278,9 +279,11 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.rms_norm(x, weight.shape, weight, eps)  # one fused op (decode runs 61 of them per token)
     # Same op order as transformers' RMSNorm: half-precision inputs are normed in float32.
+    # The output is in the weight's (compute) dtype: a float32 residual stream under float16
+    # compute gives float16 inputs to the layers, as transformers' float16 models do.
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return weight * xf.to(weight.dtype)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -317,8 +320,13 @@ class Planner(Protocol):
 class Prefetcher(Protocol):
     """Loads the sub-experts later layers will select, ahead of use (edge_prism.prefetch)."""
 
-    def on_selected(self, layer: int, resid: torch.Tensor, units: torch.Tensor) -> None:
-        """Layer ``layer`` selected ``units`` (now resident); ``resid`` [1, D] after its attention."""
+    def before_kernel(self, layer: int, resid: torch.Tensor, units: torch.Tensor) -> object:
+        """Layer ``layer`` selected ``units`` (now resident; its FFN kernel comes next);
+        ``resid`` [1, D] after its attention. Returns what :meth:`after_kernel` takes."""
+        ...
+
+    def after_kernel(self, pending: object) -> None:
+        """The layer's FFN kernel is launched."""
         ...
 
 
@@ -331,6 +339,9 @@ class Transformer:
         self.parts = parts  # S per layer
         self.kernels = kernels  # the FFN kernel that reads each layer's pool
         self.dtype, self.device = dtype, device
+        # float16 overflows past 65504: the residual stream sums every layer's output, so it
+        # stays float32 under float16 compute (pre-Ampere GPUs, Jetson Xavier).
+        self.residual_dtype = torch.float32 if dtype == torch.float16 else dtype
         self.selector: Selector | None = None  # None: every part of every routed expert
         self.operating_point: int | None = None  # K, for reports (None: plain checkpoint)
         self.route_top_k: int | None = None  # baseline curves: route to fewer experts than top_k
@@ -363,8 +374,13 @@ class Transformer:
             self._rope_len = n
 
     def reset(self, keep: int = 0) -> None:
-        """Forget cached positions from ``keep`` on."""
+        """Forget cached positions from ``keep`` on. Nothing computes now, so the store releases
+        what an interrupted step left in use and the prefetcher forgets its predictions."""
         self.cache.length = min(keep, self.cache.length)
+        for part in (self.store, self.prefetcher):
+            release = getattr(part, "release_all", None)
+            if release is not None:
+                release()
 
     # -- forward ---------------------------------------------------------------------
     @torch.inference_mode()
@@ -374,7 +390,7 @@ class Transformer:
         start = self.cache.length
         self.cache.reserve(start + T)
         self._ensure_rope(start + T)
-        h = self.w.embed(ids.to(self.device))  # [T, D]
+        h = self.w.embed(ids.to(self.device)).to(self.residual_dtype)  # [T, D]
         cos = self.cos[start:start + T, None, :]  # [T, 1, hd]
         sin = self.sin_signed[start:start + T, None, :]  # [T, 1, hd], sign folded in (see _rope)
         if T == 1 and self.planner is not None:
@@ -508,43 +524,74 @@ class Transformer:
     def _experts(self, layer: int, x: torch.Tensor, topv: torch.Tensor, topi: torch.Tensor,
                  resid: torch.Tensor) -> torch.Tensor:
         units, wt = self.unit_weights(layer, x, topv, topi)  # [P], [P, T] or None
-        decode = x.shape[0] == 1
+        T = x.shape[0]
+        decode = T == 1
         host = None
         if decode and self.planner is not None:
             if wt is None:
                 wt = x.new_ones(units.shape[0], 1)
             units, wt, host_units, host_wt = self.planner.plan(layer, x, units, wt, topi)  # [P'], [P', 1]
             if host_units.numel():
-                host = host_units, host_wt
-        cap = self.store.capacity(layer)
+                # x's copy to the host is queued now, ahead of the device kernels, so the host
+                # compute waits for nothing else (see _host_units).
+                host = host_units, HostCopy(x), HostCopy(host_wt)
+        step = self.unit_step(layer, T)
 
         def part(i: int) -> torch.Tensor | None:
-            return None if wt is None else wt[i:i + cap]
+            return None if wt is None else wt[i:i + step]
 
-        if units.numel():
-            out = self._units(layer, x, units[:cap], part(0), resid if decode else None)
-        else:  # the planner sent every selected sub-expert to the host
+        out = None
+        # A prefill under a small memory budget (or a long one) runs its units in rounds.
+        for i in range(0, units.shape[0], step):
+            y = self._units(layer, x, units[i:i + step], part(i), resid if decode and i == 0 else None)  # [T, D]
+            out = y if out is None else out + y
+        if out is None:  # the planner sent every selected sub-expert to the host
             out = torch.zeros_like(x)
-        # A prefill under a small memory budget can select more units than fit at once.
-        for i in range(cap, units.shape[0], cap):
-            out = out + self._units(layer, x, units[i:i + cap], part(i))
         if host is not None:
-            # Computed on the host CPU from host memory instead of waiting for their copy.
-            blocks = self.store.host_blocks(layer, host[0].tolist())  # [Ph, 3, n, D] (CPU)
-            hx = x.to("cpu", torch.float32)
-            out = out + block_ffn(hx, blocks.float(), host[1].cpu().float()).to(x.device, x.dtype)
+            out = out + self._host_units(layer, *host, like=x)
         return out
+
+    def unit_step(self, layer: int, tokens: int) -> int:
+        """Units per kernel call: what the store can hold at once, and at most
+        FFN_WORKSPACE_BYTES of intermediate activations ([P, T, 2n] and [P, T, D])."""
+        n = self.spec.ffn[layer].width // self.parts[layer]
+        per_unit = tokens * (3 * n + self.spec.hidden_size) * self.dtype.itemsize
+        return max(1, min(self.store.capacity(layer), FFN_WORKSPACE_BYTES // max(per_unit, 1)))
+
+    def _host_units(self, layer: int, units: torch.Tensor, hx: HostCopy, hw: HostCopy, *,
+                    like: torch.Tensor) -> torch.Tensor:
+        """Sub-experts computed on the host CPU from host memory instead of waiting for their
+        copy: [T, D] on the device.
+
+        Overlapped: the host reads their blocks and computes them while the device computes
+        the layer's other sub-experts (x reached the host by a copy queued before those
+        kernels). Not overlapped: the next layer's launch waits for the host result, and the
+        result's copy back is queued on the compute stream. A cost model should take this
+        layer as max(device FFN, host reads + host FFN + one device-to-host copy) plus one
+        host-to-device copy, not max(device, host) alone.
+        """
+        blocks = self.store.host_blocks(layer, units.tolist())  # [Ph, 3, n, D] (CPU)
+        y = block_ffn(hx.wait().float(), blocks.float(), hw.wait().float())  # [T, D] (CPU)
+        return to_device_async(y, like.device, like.dtype)
 
     def _units(self, layer: int, x: torch.Tensor, units: torch.Tensor, wt: torch.Tensor | None,
                resid: torch.Tensor | None = None) -> torch.Tensor:
         slots = self.store.slots(layer, units)  # [P]
-        if resid is not None and self.prefetcher is not None:
-            # Loads for the next layers overlap this layer's compute.
-            self.prefetcher.on_selected(layer, resid, units)
         try:
-            return self.kernels[layer](x, self.store.pool(layer), slots, wt)  # [T, D], read in place
+            ahead = None
+            if resid is not None and self.prefetcher is not None:
+                # The next layers' predicted loads overlap this layer's compute: predicted
+                # before the kernel, issued after its launch on a GPU (prefetch.Prefetcher).
+                ahead = self.prefetcher.before_kernel(layer, resid, units)
+            y = self.kernels[layer](x, self.store.pool(layer), slots, wt)  # [T, D], read in place
+            if ahead is not None:
+                self.prefetcher.after_kernel(ahead)
+            return y
         finally:
             self.store.done(layer)
+
+
+FFN_WORKSPACE_BYTES = 64 * 2**20  # intermediate activations of one FFN kernel call, at most
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:

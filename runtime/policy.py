@@ -165,6 +165,11 @@ class ResidencyPolicy:
                 else:
                     del self._in_use[key]
 
+    def release_all(self) -> None:
+        """Release every key (no kernel runs: an interrupted step left some acquired)."""
+        with self._lock:
+            self._in_use.clear()
+
     def discard(self, key: Key) -> int | None:
         """Forget dynamic ``key`` (for example after its load failed) and free its slot.
 
