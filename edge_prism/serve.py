@@ -523,7 +523,10 @@ class Worker:
                                                   f"yet: it runs at {self._loaded_point}; leave out "
                                                   "operating_point or restart the server with -k",
                                code="unsupported_parameter")
-            engine.set_operating_point(point)
+            try:
+                engine.set_operating_point(point)  # forgets the KV cache: the next prompt is prefilled whole
+            except EdgePrismError as e:
+                raise _invalid("operating_point", str(e)) from None
             self._point = point
         latency = self._loaded_latency if req.token_latency_ms is None else req.token_latency_ms
         if not _same(latency, self._latency):
@@ -533,7 +536,10 @@ class Worker:
                                                    f"request yet (loaded: {loaded}); leave out token_latency_ms "
                                                    "or restart the server with --token-latency-ms",
                                code="unsupported_parameter")
-            engine.set_token_latency_ms(latency)
+            try:
+                engine.set_token_latency_ms(latency)
+            except EdgePrismError as e:
+                raise _invalid("token_latency_ms", str(e)) from None
             self._latency = latency
 
 

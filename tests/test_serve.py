@@ -351,6 +351,45 @@ def test_metrics_are_prometheus_text(server):
         assert line.startswith("# ") or re.fullmatch(r"[a-z_]+(\{[^}]*\})? -?[\d.e+-]+", line), line
 
 
+# -- per-request operating points on a prism checkpoint ------------------------------------------
+@pytest.fixture(scope="module")
+def prism_server(prism_of, tmp_path_factory):
+    path = prism_of("llama")
+    srv = start_server(path, tmp_path_factory.mktemp("serve-prism") / "server.log")
+    try:
+        yield srv, path
+    finally:
+        stop_server(srv.proc)
+
+
+def test_operating_point_per_request(prism_server):
+    srv, path = prism_server
+    full = edge_prism.load(path)
+    k_full = full.model.operating_point
+    k = k_full // 2
+    expect_full = full.chat(HELLO, max_new_tokens=8, temperature=0)
+    expect_low = edge_prism.load(path, operating_point=k).chat(HELLO, max_new_tokens=8, temperature=0)
+    assert expect_low != expect_full  # else this test could not tell the points apart
+
+    def ask(**extra) -> str:
+        return srv.client().chat.completions.create(model=srv.model, messages=HELLO, max_tokens=8, temperature=0,
+                                                    extra_body=extra).choices[0].message.content
+
+    assert ask(operating_point=k_full) == expect_full  # the loaded point is always accepted
+    if hasattr(full, "set_operating_point"):
+        assert ask(operating_point=k) == expect_low
+        assert ask() == expect_full  # the next request is back at the loaded point
+        with pytest.raises(openai.BadRequestError, match="operating") as e:
+            ask(operating_point=10 * k_full)
+        assert e.value.body["param"] == "operating_point"
+    else:
+        with pytest.raises(openai.BadRequestError, match="cannot change the operating point per request yet"):
+            ask(operating_point=k)
+    if not hasattr(full, "set_token_latency_ms"):
+        with pytest.raises(openai.BadRequestError, match="token-latency budget per request yet"):
+            ask(token_latency_ms=50)
+
+
 # -- the command line ---------------------------------------------------------------------------
 def test_sigterm_stops_the_server_and_tells_a_streaming_client(model_dir, tmp_path):
     srv = start_server(model_dir, tmp_path / "server.log")
