@@ -6,8 +6,8 @@ stream_chat / stream] -> text pieces -> [event loop: server-sent events or one J
 One thread (the main one) owns the engine and runs one request at a time, in arrival order,
 so consecutive turns of a conversation reuse the engine's KV cache for their shared prefix
 (the engine is never reset between requests). The event loop, in its own thread, only
-parses, queues and writes: /health and /metrics answer while a request decodes. A full queue answers 503 at once; a client that
-goes away stops its generation at the next token.
+parses, queues and writes: /health and /metrics answer while a request decodes. A full queue
+answers 503 at once; a client that goes away stops its generation at the next token.
 
 The ASGI stack (Starlette, uvicorn) is the optional ``serve`` extra and is imported only when
 a server starts, so ``import edge_prism`` never needs it.
@@ -68,7 +68,7 @@ class ServeConfig:
         return name == self.model_id or name in self.model_aliases
 
 
-# -- errors --------------------------------------------------------------------------------
+# -- errors -----------------------------------------------------------------------------------
 class RequestError(Exception):
     """A request the server answers with an OpenAI-shaped JSON error (never a traceback)."""
 
@@ -87,7 +87,7 @@ def _invalid(param: str, message: str, code: str = "invalid_value") -> RequestEr
     return RequestError(400, message, param=param, code=code)
 
 
-# -- request validation -------------------------------------------------------------------
+# -- request validation -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class GenerationRequest:
     """One validated request: a chat (``messages``) or a raw-text completion (``prompt``)."""
@@ -309,7 +309,7 @@ class StopFilter:
         return text
 
 
-# -- jobs and the engine's worker thread -----------------------------------------------------
+# -- jobs and the engine's worker -------------------------------------------------------------
 @dataclass(frozen=True)
 class Usage:
     """Token counts of one request, as the OpenAI ``usage`` object."""
@@ -549,7 +549,7 @@ def _same(a: float | None, b: float | None) -> bool:
     return math.isclose(a, b, rel_tol=1e-9)
 
 
-# -- metrics ---------------------------------------------------------------------------------
+# -- metrics ----------------------------------------------------------------------------------
 # (engine.stats key, metric name, help) for the last request's figures, exported when present.
 _LAST_GAUGES = (
     ("decode_tokens_per_s", "decode_tokens_per_second", "decode tokens per second of the last request"),
@@ -588,7 +588,7 @@ class Metrics:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, stats: dict, *, cancelled: bool) -> None:
-        """Add one generation's engine.stats (worker thread)."""
+        """Add one generation's engine.stats (engine thread)."""
         with self._lock:
             self.last = dict(stats)
             for key, _, _ in _COUNTERS:
@@ -635,7 +635,7 @@ def _num(v: float) -> str:
     return repr(int(v)) if float(v).is_integer() else repr(float(v))
 
 
-# -- responses -------------------------------------------------------------------------------
+# -- responses --------------------------------------------------------------------------------
 def _chunk(job: Job, model: str, *, delta: dict | None = None, text: str | None = None,
            finish: str | None = None) -> dict:
     if job.request.kind == "chat":
@@ -770,7 +770,7 @@ async def _send_json(send: Callable, status: int, obj: dict, headers: list | Non
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-# -- the application -------------------------------------------------------------------------
+# -- the application --------------------------------------------------------------------------
 def _asgi_stack():
     """(starlette modules, uvicorn), or one clear error line when the extra is missing."""
     try:
@@ -889,7 +889,7 @@ def _model_card(engine: "Engine", cfg: ServeConfig) -> dict:
     return card
 
 
-# -- running it ------------------------------------------------------------------------------
+# -- running it -------------------------------------------------------------------------------
 def is_loopback(host: str) -> bool:
     """Whether every address ``host`` names is on this machine only (127.0.0.0/8, ::1)."""
     try:
@@ -966,7 +966,7 @@ def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM: the same orderly stop as Ctrl-C
 
 
-# -- the CLI ---------------------------------------------------------------------------------
+# -- the CLI ----------------------------------------------------------------------------------
 def add_serve_parser(subparsers) -> Callable[[argparse.Namespace], int]:
     """Add the ``serve`` subcommand to ``subparsers``; returns its handler."""
     from edge_prism.cli import add_model_args, add_runtime_args
