@@ -1010,7 +1010,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"edge-prism serving {name} at {url}/v1 (OpenAI API; /health, /metrics); Ctrl-C stops",
               file=sys.stderr, flush=True)
 
-    serve(engine, cfg, sock=sock, ready=ready)
+    try:
+        serve(engine, cfg, sock=sock, ready=ready)
+    finally:
+        if hasattr(engine, "close"):
+            engine.close()  # transfer threads and pinned memory go before the process does
     return 0
 
 
