@@ -252,3 +252,37 @@ def test_converter_output_matches_llama_cpp(converted, family, outtype, bound):
     theirs = torch.tensor(np.array(llm.scores[: len(IDS)]))
     ours = edge_prism.load(path).logits(IDS)
     assert float((ours - theirs).norm() / theirs.norm()) < bound
+
+
+# -- any model, budgeted on first use ------------------------------------------------------------
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE_PRISM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_a_budget_on_a_plain_moe_gguf_builds_its_prism_once(gguf_prism, fresh_cache):
+    path, _ = gguf_prism  # a Q4_0 qwen3moe GGUF with a tokenizer
+    engine = edge_prism.load(path, memory_budget="60%", operating_point=6)
+    built = list(fresh_cache.glob("*.prism"))
+    assert len(built) == 1 and built[0].name.startswith(path.stem)
+    assert engine.stats["memory_budget_bytes"] > 0 and engine.model.operating_point == 6
+    mtime = (built[0] / "prism.json").stat().st_mtime_ns
+    edge_prism.load(path, memory_budget="60%")  # reused, not rebuilt
+    assert (built[0] / "prism.json").stat().st_mtime_ns == mtime
+
+
+def test_chat_with_a_budget_on_a_moe_gguf_needs_no_other_step(gguf_prism, fresh_cache, capsys):
+    from edge_prism import cli
+
+    path, _ = gguf_prism
+    code = cli.main(["chat", "-m", str(path), "--memory-budget", "25%", "--prompt", "hi", "-n", "3", "-t", "0"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "resident" in err.splitlines()[-1]  # the summary line under a budget
+
+
+def test_a_plain_hf_moe_directory_is_budgeted_on_first_use(prism_of, tiny_checkpoint, fresh_cache):
+    engine = edge_prism.load(tiny_checkpoint("olmoe"), memory_budget="50%")
+    assert engine.stats["memory_budget_bytes"] > 0
+    assert len(list(fresh_cache.glob("*.prism"))) == 1
