@@ -266,7 +266,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # -- info ----------------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> int:
-    """Print versions, devices, memory and where the default model is."""
+    """Print versions, devices, memory and where the default model is; with MODEL, its sizes."""
+    if getattr(args, "model", None) is not None:
+        return _model_info(args)
     import psutil
     import torch
 
@@ -297,6 +299,18 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"default model: {default_model_path()}")
     except EdgePrismError as e:
         print(f"default model: {e}")
+    return 0
+
+
+def _model_info(args: argparse.Namespace) -> int:
+    from edge_prism.info import describe
+    from edge_prism.loaders import resolve_model
+    from edge_prism.runtime.device import resolve_device
+
+    path = resolve_model(args.model)
+    for line in describe(path, memory_budget=args.memory_budget, operating_point=args.operating_point,
+                         device=resolve_device(args.device)):
+        print(line)
     return 0
 
 
@@ -389,10 +403,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
 
     handlers["serve"] = add_serve_parser(sub)
 
-    info = sub.add_parser("info", help="versions, devices, memory, default model",
-                          description="Show torch/CUDA versions, GPUs, host memory and the default model.")
+    info = sub.add_parser("info", help="versions, devices, memory; with MODEL: will it fit?",
+                          description="Show torch/CUDA versions, GPUs, host memory and the default model; "
+                                      "with MODEL, before anything is built: its sizes per layer and "
+                                      "precision, always-resident bytes, the minimum memory budget, the "
+                                      "budget that holds the hot set, and the decode speed to expect here.")
+    info.add_argument("model", nargs="?", default=None,
+                      help="HF model directory, .gguf file, prism checkpoint, or 'default'")
+    info.add_argument("--memory-budget", default=None, help="also estimate this budget (512MiB, 25%%...)")
+    info.add_argument("-k", "--operating-point", type=int, default=None, help="operating point (default: full)")
+    info.add_argument("--device", default="auto", help="device to estimate for (auto: cuda when available)")
     handlers["info"] = cmd_info
-    del info
     return parser, handlers
 
 
