@@ -49,6 +49,15 @@ def _seed(text: str) -> int:
     return value
 
 
+def _device(text: str) -> str:
+    """An argparse type: auto, cpu, cuda or cuda:N (whether it exists is checked at load)."""
+    value = text.strip().lower()
+    index = value.removeprefix("cuda:")
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and index.isascii() and index.isdigit()):
+        return value
+    raise argparse.ArgumentTypeError(f"invalid device '{text}': use auto, cpu, cuda or cuda:N")
+
+
 def add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
     """Model and device options shared by every subcommand."""
     if positional:
@@ -58,10 +67,11 @@ def add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> N
         p.add_argument("-m", "--model", default="default",
                        help="HF model directory, .gguf file, prism checkpoint, or 'default' "
                             "(SmolLM2-135M-Instruct, the default)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+    p.add_argument("--device", default="auto", type=_device, metavar="{auto,cpu,cuda,cuda:N}",
                    help="compute device (auto: cuda when available)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
+                   help="compute dtype (default: float32 on CPU, bfloat16 on CUDA from compute capability "
+                        "8.0, float16 below it)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -95,6 +105,11 @@ def add_runtime_args(p: argparse.ArgumentParser, *, operating_point: bool = True
                    help="do not predict and load sub-experts ahead of use")
     p.add_argument("--token-latency-ms", type=_finite("token latency budget"), default=None,
                    help="decode-token latency budget: run fewer sub-experts rather than miss it")
+    p.add_argument("--host-tier", default="auto", choices=("auto", "ram", "disk"),
+                   help="under a memory budget, where the other sub-experts wait: ram (pinned host memory), "
+                        "disk (read from the checkpoint file; the default on Jetson and on the CPU) or auto")
+    p.add_argument("--max-context", type=_positive_int, default=None,
+                   help="tokens the KV cache holds at most (default: the model's); lower it to fit memory")
 
 
 def runtime_config(args: argparse.Namespace, **override):
@@ -107,7 +122,9 @@ def runtime_config(args: argparse.Namespace, **override):
                   memory_budget=getattr(args, "memory_budget", None),
                   policy=getattr(args, "policy", "lru"),
                   prefetch=getattr(args, "prefetch", True),
-                  token_latency_ms=getattr(args, "token_latency_ms", None))
+                  token_latency_ms=getattr(args, "token_latency_ms", None),
+                  host_tier=getattr(args, "host_tier", "auto"),
+                  max_context=getattr(args, "max_context", None))
     fields.update(override)
     return RuntimeConfig(**fields)
 
@@ -132,7 +149,7 @@ def summary_line(stats: dict) -> str:
     parts = [f"{stats['generated_tokens']} tokens",
              f"{stats['decode_tokens_per_s']:.1f} tokens/s",
              f"time to first token {stats['time_to_first_token_s']:.2f} s"]
-    if "token_latency_p50_ms" in stats:
+    if stats.get("token_latency_p50_ms") is not None:
         parts.append(f"p50/p99 {stats['token_latency_p50_ms']:.0f}/{stats['token_latency_p99_ms']:.0f} ms")
     if "memory_budget_bytes" in stats:
         parts.append(f"resident {format_size(stats['resident_bytes'])} of "
@@ -166,12 +183,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
                                  "pipe UTF-8 text, or pass --prompt TEXT") from None
         if not prompt.strip():
             raise EdgePrismError("no prompt: stdin was empty; pass --prompt TEXT or pipe text in")
-    engine = load_engine(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
-    if not interactive:
-        _reply(engine, system + [{"role": "user", "content": prompt}], args)
-        return 0
-    return _repl(engine, system, args)
+    with load_engine(args) as engine:  # threads and pinned memory released on the way out
+        if not interactive:
+            _reply(engine, system + [{"role": "user", "content": prompt}], args)
+            return 0
+        return _repl(engine, system, args)
 
 
 def _reply(engine, messages: list[dict], args: argparse.Namespace) -> str:
@@ -210,7 +227,7 @@ def _repl(engine, system: list[dict], args: argparse.Namespace) -> int:
             return 0
         if text == "/reset":
             history = list(system)
-            engine.reset()
+            engine.reset()  # the KV cache, and whatever an interrupted reply left held
             print("(conversation cleared)", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})

@@ -191,8 +191,10 @@ class Engine:
             self._owner = me
             yield
         finally:
-            self._owner = None
-            self._lock.release()
+            try:
+                self._owner = None
+            finally:  # a second Ctrl-C here must not leave the engine held
+                self._lock.release()
 
     def set_operating_point(self, k: int) -> None:
         """Compute ``k`` active sub-experts per token per MoE layer from now on, without

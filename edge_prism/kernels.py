@@ -280,16 +280,19 @@ class QuantExperts:
             j = i
             while j < len(ids) and ids[j] // S == e:
                 j += 1
-            if wt is None:
+            if wt is None and j - i == S:
                 w = None  # every part, weight 1
             elif j - i == S:
                 w = wt[i:j]  # [S, T] every part
             else:
-                w = wt.new_zeros(S, T)
-                w[torch.tensor([u % S for u in ids[i:j]])] = wt[i:j]
-            if w is None and j - i != S:
+                # Row by row from Python ints: an index tensor made on the host would be a
+                # pageable copy to the device (a host sync) per expert per token.
                 w = x.new_zeros(S, T)
-                w[torch.tensor([u % S for u in ids[i:j]])] = 1
+                for r, u in enumerate(ids[i:j]):
+                    if wt is None:
+                        w[u % S] = 1
+                    else:
+                        w[u % S] = wt[i + r]
             y = self._expert(xb, pool[e], w)  # [T, D]
             self.bytes_read += pool[e].nbytes()
             out = y if out is None else out + y

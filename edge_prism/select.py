@@ -84,6 +84,7 @@ class SubExpertSelector:
         self.k = check_operating_point(k, spec, parts)
         dense_model = not spec.is_moe
         self._quota: list[torch.Tensor | None] = []
+        self._on_device: dict[tuple[int, torch.device], torch.Tensor] = {}  # copied once, not per token
         for f, s in zip(spec.ffn, parts):
             if f.routed or dense_model:
                 self._quota.append(torch.tensor(quotas(self.k, f.top_k, s)))
@@ -102,5 +103,8 @@ class SubExpertSelector:
             return topv[:, :, None].expand(T, k, S)  # [T, k, S]
         scores = self.gates[layer].scores(x, topi)  # [T, k, S]
         rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)  # [T, k, S]
-        keep = rank < q.to(x.device)[None, :, None]  # [T, k, S]
+        qd = self._on_device.get((layer, x.device))
+        if qd is None:
+            qd = self._on_device[(layer, x.device)] = q.to(x.device)  # [k]
+        keep = rank < qd[None, :, None]  # [T, k, S]
         return topv[:, :, None] * keep  # [T, k, S]

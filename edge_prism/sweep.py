@@ -201,9 +201,10 @@ class _PrismSubject:
         return [ids[i * tokens:(i + 1) * tokens] for i in range(count)]
 
     def layer_blocks(self, k: int) -> list[LayerBlocks]:
-        from edge_prism.api import layer_blocks
+        from edge_prism.api import RuntimeConfig, layer_blocks
 
-        return layer_blocks(self.pc, self.spec, k)
+        dtype = RuntimeConfig(device=self.cfg.device, dtype=self.cfg.dtype).torch_dtype(self.device)
+        return layer_blocks(self.pc, self.spec, k, dtype=dtype)  # held in the compute dtype, as load() does
 
     def budget_bytes(self, budget: str, k: int) -> int:
         from edge_prism.api import resolve_budget
@@ -349,10 +350,10 @@ def _close_store(store) -> None:
 
 
 def _release(engine) -> None:
-    close = getattr(engine, "close", None)  # a prefetcher may keep threads
-    if close is not None:
-        close()
-    _close_store(engine.model.store)
+    """Free an engine before the next is built: its transfer threads stop after the copies in
+    flight (a late copy must not land in memory the next engine's allocations reuse), its
+    slot pools, pinned memory and KV cache are given back."""
+    engine.close()
     gc.collect()
 
 

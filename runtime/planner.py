@@ -11,9 +11,10 @@ scores the part index stands in). Lowest priority is dropped first. Without a bu
 planner is not installed and nothing is dropped.
 
 The cost model (host-to-device bandwidth, per-copy overhead, per-unit and per-layer
-compute time) is measured at start-up and cached per device and model shape in a
-profiles directory (``EDGE_PRISM_PROFILES``, else the repository's ``profiles/`` when
-writable, else the user cache).
+compute time) is measured at start-up and cached per device and model shape in the user
+cache (``EDGE_PRISM_PROFILES``, else ``$EDGE_PRISM_CACHE/profiles``, else
+``$XDG_CACHE_HOME/edge-prism/profiles`` or ``~/.cache/edge-prism/profiles``), never in the
+source tree.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +30,8 @@ import torch
 
 from edge_prism.kernels import block_ffn
 
-from .device import gpu_info, measure_h2d_bandwidth, synchronize
+from .device import device_name as _device_name
+from .device import measure_h2d_bandwidth, synchronize
 
 logger = logging.getLogger(__name__)
 
@@ -59,35 +60,26 @@ class CostModel:
 
 
 def device_name(device: torch.device) -> str:
-    """A stable name for cost-model caching: the GPU model or the CPU model."""
-    if device.type == "cuda":
-        info = gpu_info()
-        return info[0]["name"] if info else "cuda"
-    name = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"cpu-{name or platform.machine()}-{os.cpu_count()}c"
+    """A stable name for cost-model caching: this CUDA ordinal's name and UUID (every Jetson
+    its own, without NVML), or the CPU model (see runtime.device.device_name)."""
+    return _device_name(device)
 
 
 def profiles_dir() -> Path:
-    """Where measured device profiles are cached."""
+    """Where measured device profiles are cached: the user cache, never the source tree."""
     env = os.environ.get("EDGE_PRISM_PROFILES")
     if env:
         return Path(env)
-    repo = Path(__file__).resolve().parents[1] / "profiles"
-    if repo.is_dir() and os.access(repo, os.W_OK):
-        return repo
+    root = os.environ.get("EDGE_PRISM_CACHE")
+    if root:
+        return Path(root) / "profiles"
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-prism" / "profiles"
 
 
 def _cache_path(device: torch.device, signature: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{device_name(device)}-{signature}")
+    # The torch version is part of the key: a new build (kernels, drivers) is measured again.
+    key = f"{device_name(device)}-{signature}-torch{torch.__version__}"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
     return profiles_dir() / f"cost-{safe}.json"
 
 

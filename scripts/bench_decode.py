@@ -194,12 +194,14 @@ def systems(args, gguf_path: Path, ids: list[int], suppress: list[int]) -> dict:
     except ImportError:
         out["llama.cpp"] = lambda n: ("not installed: pip install -e '.[bench]' (builds llama.cpp from source, "
                                       "~15 min on 2 cores)")
-    engines = {"edge-prism GGUF": edge_prism.load(gguf_path)}
+    # Every system on the CPU (load()'s 'auto' would put edge-prism on a GPU beside a CPU transformers).
+    engines = {"edge-prism GGUF": edge_prism.load(gguf_path, device="cpu")}
     prism = default_prism(progress=True)
     for k in args.operating_points:
-        engines[f"edge-prism K={k}"] = edge_prism.load(prism, operating_point=k)
+        engines[f"edge-prism K={k}"] = edge_prism.load(prism, device="cpu", operating_point=k)
         for budget in args.budgets:
-            engines[f"edge-prism K={k} {budget}"] = edge_prism.load(prism, operating_point=k, memory_budget=budget)
+            engines[f"edge-prism K={k} {budget}"] = edge_prism.load(prism, device="cpu", operating_point=k,
+                                                                   memory_budget=budget)
     for name, engine in engines.items():
         out[name] = (lambda e: lambda n: edge_prism_run(e, ids, n, suppress))(engine)
     if not args.no_transformers:
@@ -306,7 +308,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     gguf_path = default_model_path()
-    engine = edge_prism.load(gguf_path)
+    engine = edge_prism.load(gguf_path, device="cpu")
     ids = engine.tokenizer.encode_chat([{"role": "user", "content": args.question}])
     suppress = sorted(set(engine.spec.eos_token_ids) | set(engine.tokenizer.stop_ids))
     results = measure(systems(args, gguf_path, ids, suppress), args)

@@ -120,3 +120,97 @@ def test_gguf_model_stays_quantized_on_cuda(default_model_path):
     ids = ref.tokenizer.encode("The history of computing is a story of machines")
     a, b = engine.logits(ids), ref.logits(ids)
     assert float((a - b).norm() / b.norm()) < 0.05
+
+
+# -- ordering under widened race windows (issue 11) ------------------------------------------------------
+def _slow_kernels(engine, cycles: int = 2_000_000):
+    """Queue ~1 ms of GPU sleep before every FFN kernel: kernels run far behind the host, so a
+    copy that does not wait for a reader's mark, or a read that does not wait for its copy,
+    shows as a wrong token."""
+    kernels = engine.model.kernels
+    for i, kernel in enumerate(kernels):
+        def slow(*args, _k=kernel):
+            torch.cuda._sleep(cycles)
+            return _k(*args)
+        kernels[i] = slow
+
+
+@pytest.mark.parametrize("host_tier", ["ram", "disk"])
+def test_cuda_ordering_holds_when_kernels_lag(prism_of, min_budget, host_tier):
+    path = prism_of("olmoe")
+    ref = edge_prism.load(path, device="cuda", dtype="float32").generate_ids(PROMPT, max_new_tokens=16)
+    with edge_prism.load(path, device="cuda", dtype="float32", memory_budget=min_budget(path), prefetch=True,
+                         host_tier=host_tier) as engine:
+        _slow_kernels(engine)
+        for _ in range(2):
+            assert engine.generate_ids(PROMPT, max_new_tokens=16) == ref
+        assert engine.stats["transfer_wait_s"] >= 0
+
+
+def test_cuda_close_waits_for_copies_in_flight(prism_of, min_budget):
+    path = prism_of("olmoe")
+    engine = edge_prism.load(path, device="cuda", dtype="float32", memory_budget=min_budget(path), prefetch=True)
+    engine.generate_ids(PROMPT, max_new_tokens=8)
+    transfers = [p.transfer for p in engine.model.store._pools.values()]
+    engine.close()
+    for t in transfers:
+        assert t._demand.stream.query() and t._speculative.stream.query()
+    assert all(p.pool.buffer is None for p in engine.model.store._pools.values())
+
+
+def test_cuda_interrupted_steps_leave_nothing_in_use(prism_of, min_budget, monkeypatch):
+    from edge_prism.runtime.transfer import Transferer
+
+    path = prism_of("olmoe")
+    ref = edge_prism.load(path, device="cuda", dtype="float32").generate_ids(PROMPT, max_new_tokens=8)
+    engine = edge_prism.load(path, device="cuda", dtype="float32", memory_budget=min_budget(path), prefetch=True)
+    _slow_kernels(engine)
+    real = Transferer.wait
+    for n in (1, 4, 9):
+        calls = {"n": 0}
+
+        def flaky(self, tickets, _n=n, _calls=calls):
+            _calls["n"] += 1
+            if _calls["n"] == _n:
+                raise KeyboardInterrupt
+            return real(self, tickets)
+
+        monkeypatch.setattr(Transferer, "wait", flaky)
+        with pytest.raises(KeyboardInterrupt):
+            engine.generate_ids(PROMPT, max_new_tokens=8)
+        monkeypatch.setattr(Transferer, "wait", real)
+        assert engine.generate_ids(PROMPT, max_new_tokens=8) == ref
+
+
+def test_cuda_pinned_tier_is_exact_and_outside_the_caching_allocator(tmp_path):
+    from edge_prism.runtime.device import host_buffer, is_pinned
+
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    before = stats()["allocated_bytes.current"] if stats else 0
+    t = host_buffer((64, 2**20), torch.uint8, torch.device("cuda"))  # 64 MiB
+    assert is_pinned(t)
+    if stats:
+        assert stats()["allocated_bytes.current"] - before < 2**20  # not rounded up by the host allocator
+    dst = torch.empty(t.shape, dtype=t.dtype, device="cuda")
+    t.fill_(7)
+    dst.copy_(t, non_blocking=True)
+    torch.cuda.synchronize()
+    assert int(dst[-1, -1]) == 7
+
+
+def test_cuda_device_name_is_per_device():
+    from edge_prism.runtime.device import device_name
+
+    name = device_name(torch.device("cuda", 0))
+    assert name.startswith(torch.cuda.get_device_properties(0).name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] >= 8,
+                    reason="bfloat16 is refused only below compute capability 8.0")
+def test_cuda_bfloat16_refused_before_ampere(tiny_checkpoint):
+    from edge_prism.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="compute capability 8.0"):
+        edge_prism.load(tiny_checkpoint("llama"), device="cuda", dtype="bfloat16")
+    engine = edge_prism.load(tiny_checkpoint("llama"), device="cuda")
+    assert engine.model.dtype == torch.float16 and engine.model.residual_dtype == torch.float32

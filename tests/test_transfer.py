@@ -323,7 +323,9 @@ def test_cuda_staging_buffers_and_memory_tier_are_pinned(tmp_path):
     blocks = random_blocks(2, torch.float32)
     assert is_pinned(pin(blocks))
     transferer = Transferer(SlotPool(1, SHAPE, torch.float32, device), file_tier(tmp_path, blocks), device)
-    buffer, _ = transferer._staging.get()
-    assert buffer.is_pinned()
-    transferer._staging.put((buffer, None))
+    assert all(buffer.is_pinned() for buffer, _ in transferer._q.staging)
     transferer.close()
+    from edge_prism.runtime.device import host_buffer
+
+    registered = host_buffer((1024, 1024), torch.float32, device)  # registered in place, exact size
+    assert is_pinned(registered) and registered.numel() * 4 == 4 * 2**20
