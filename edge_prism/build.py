@@ -170,8 +170,18 @@ def _layer_of(name: str) -> int | None:
 
 def build_weights(spec: ModelSpec, reader: TensorReader) -> Weights:
     """The always-resident weights, on the reader's device and dtype (quantized ones stay so)."""
-    s, names = spec, FAMILIES[spec.family].names
     shapes = expected_shapes(spec)
+    embed, lm_head = _embedding_and_head(spec, reader, shapes)
+    layers = [build_layer(spec, reader, layer, shapes) for layer in range(spec.num_layers)]
+    return Weights(embed=embed, norm=reader.get("model.norm.weight", shapes["model.norm.weight"]),
+                   lm_head=lm_head, layers=layers)
+
+
+def build_layer(spec: ModelSpec, reader: TensorReader, layer: int, shapes: dict | None = None) -> LayerWeights:
+    """One decoder layer's always-resident weights (a refactoring of a model larger than
+    memory builds them one layer at a time)."""
+    s, names, f = spec, FAMILIES[spec.family].names, spec.ffn[layer]
+    shapes = shapes or expected_shapes(spec)
 
     def get(name: str) -> torch.Tensor:
         return reader.get(name, shapes[name])
@@ -179,31 +189,27 @@ def build_weights(spec: ModelSpec, reader: TensorReader) -> Weights:
     def linear(*parts: str) -> Linear:
         return reader.linear(list(parts), [shapes[p] for p in parts])
 
-    embed, lm_head = _embedding_and_head(s, reader, shapes)
-    layers = []
-    for layer, f in enumerate(s.ffn):
-        if s.mla is not None:
-            lw = _mla_layer(s, layer, reader, get, linear)
-        else:
-            bias = None
-            if s.attention_bias:
-                bias = torch.cat([get(_ATTN.format(l=layer, p=p, kind="bias")) for p in "qkv"])
-            lw = LayerWeights(
-                attn_norm=get(f"model.layers.{layer}.input_layernorm.weight"),
-                ffn_norm=get(f"model.layers.{layer}.post_attention_layernorm.weight"),
-                wqkv=linear(*(_ATTN.format(l=layer, p=p, kind="weight") for p in "qkv")), bqkv=bias,
-                wo=linear(_ATTN.format(l=layer, p="o", kind="weight")),
-                q_norm=get(f"model.layers.{layer}.self_attn.q_norm.weight") if s.qk_norm != "none" else None,
-                k_norm=get(f"model.layers.{layer}.self_attn.k_norm.weight") if s.qk_norm != "none" else None,
-                router=get(names.router.format(l=layer)) if f.routed else None,
-            )
-        if f.shared_width:
-            g, u, d = (n.format(l=layer) for n in names.shared)
-            lw.shared_gu = linear(g, u)
-            lw.shared_down = linear(d)
-            lw.shared_gate = get(names.shared_gate.format(l=layer)) if names.shared_gate else None
-        layers.append(lw)
-    return Weights(embed=embed, norm=get("model.norm.weight"), lm_head=lm_head, layers=layers)
+    if s.mla is not None:
+        lw = _mla_layer(s, layer, reader, get, linear)
+    else:
+        bias = None
+        if s.attention_bias:
+            bias = torch.cat([get(_ATTN.format(l=layer, p=p, kind="bias")) for p in "qkv"])
+        lw = LayerWeights(
+            attn_norm=get(f"model.layers.{layer}.input_layernorm.weight"),
+            ffn_norm=get(f"model.layers.{layer}.post_attention_layernorm.weight"),
+            wqkv=linear(*(_ATTN.format(l=layer, p=p, kind="weight") for p in "qkv")), bqkv=bias,
+            wo=linear(_ATTN.format(l=layer, p="o", kind="weight")),
+            q_norm=get(f"model.layers.{layer}.self_attn.q_norm.weight") if s.qk_norm != "none" else None,
+            k_norm=get(f"model.layers.{layer}.self_attn.k_norm.weight") if s.qk_norm != "none" else None,
+            router=get(names.router.format(l=layer)) if f.routed else None,
+        )
+    if f.shared_width:
+        g, u, d = (n.format(l=layer) for n in names.shared)
+        lw.shared_gu = linear(g, u)
+        lw.shared_down = linear(d)
+        lw.shared_gate = get(names.shared_gate.format(l=layer)) if names.shared_gate else None
+    return lw
 
 
 def _mla_layer(s: ModelSpec, layer: int, reader: TensorReader, get, linear) -> LayerWeights:

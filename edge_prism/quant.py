@@ -172,12 +172,18 @@ class QMatrix:
         return cls(tile_codes(codes), sz, N if rows is None else rows, len(planes))
 
     @classmethod
-    def quantize(cls, w: torch.Tensor, kind: str, group: int = DEFAULT_GROUP) -> "QMatrix":
+    def quantize(cls, w: torch.Tensor, kind: str, group: int = DEFAULT_GROUP, *,
+                 chunk_rows: int = 8192) -> "QMatrix":
         """Round float W [N, K] to ``kind`` ('int4' | 'int8'), asymmetric min-max per group.
 
         The bfloat16 rounding of scale and zero is taken into account when the codes are
-        chosen, so the stored matrix is the nearest one the kernels can represent.
+        chosen, so the stored matrix is the nearest one the kernels can represent. Rows are
+        done ``chunk_rows`` at a time, so a vocabulary-sized matrix never has several float
+        copies alive at once.
         """
+        if w.shape[0] > chunk_rows:
+            return cls._join_row_chunks([cls.quantize(w[i:i + chunk_rows], kind, group, chunk_rows=chunk_rows)
+                                         for i in range(0, w.shape[0], chunk_rows)])
         w = w.float()
         N, K = w.shape
         check_group(group, K, what="a weight")
@@ -194,6 +200,18 @@ class QMatrix:
             offset = z_lo - 8 * scale  # the low plane's zero carries the offset (see _plane_zeros)
         q = torch.round((wg - offset[..., None]) / scale[..., None]).clamp(0, levels)
         return cls.from_affine(q.reshape(N, K), scale, offset, bits=_BITS[kind])
+
+    @staticmethod
+    def _join_row_chunks(chunks: Sequence["QMatrix"]) -> "QMatrix":
+        """Row chunks (all but the last a whole number of tiles, one kind) as one matrix."""
+        planes = chunks[0].planes
+        codes, sz = [], []
+        for p in range(planes):
+            for c in chunks:
+                t = c.plane_rows // TILE
+                codes.append(c.codes[p * t:(p + 1) * t])
+                sz.append(c.sz[:, p * c.plane_rows:(p + 1) * c.plane_rows])
+        return QMatrix(torch.cat(codes), torch.cat(sz, dim=1), sum(c.rows for c in chunks), planes)
 
     # -- views of the values -------------------------------------------------------------
     def plane_codes(self) -> torch.Tensor:

@@ -57,9 +57,10 @@ def test_operating_point_out_of_range_is_refused(prism_of):
         edge_prism.load(path, operating_point=0)
 
 
-def test_operating_point_on_a_plain_checkpoint_names_the_fix(tiny_checkpoint):
-    with pytest.raises(ConfigError, match="edge-prism refactor"):
-        edge_prism.load(tiny_checkpoint("llama"), operating_point=4)
+def test_operating_point_on_a_plain_checkpoint_builds_its_prism_first(tiny_checkpoint):
+    engine = edge_prism.load(tiny_checkpoint("llama"), operating_point=4)
+    assert engine.model.operating_point == 4
+    assert engine.source.suffix == ".prism"  # built into the user cache on first use
 
 
 def test_same_inputs_and_seed_give_identical_bytes(tiny_checkpoint, tmp_path):

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
+import math
 import logging
 import os
 import re
@@ -156,13 +158,74 @@ def estimate_prism_bytes(source: Path) -> int:
         return 0  # the loader reports an unreadable source, with its own message
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8"}
+
+
+class StreamedSafetensors:
+    """A safetensors file written tensor by tensor, in a fixed order, so a refactoring of a
+    model larger than memory never holds more than one layer's blocks.
+
+    The header (every name, dtype and shape, known before the first block exists) is written
+    first; each ``write`` appends the next tensor's bytes. The result is the format
+    safetensors itself writes: the same inputs give the same bytes.
+    """
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]):
+        self.path = Path(path)
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        self._order = []
+        for name, dtype, shape in entries:
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._order.append((name, dtype, tuple(shape)))
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        self._file = open(self.path, "wb")
+        self._file.write(struct.pack("<Q", len(text)) + text)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``name``, which must be the next entry, with its declared dtype and shape."""
+        want, dtype, shape = self._order[self._next]
+        if (name, tensor.dtype, tuple(tensor.shape)) != (want, dtype, shape):
+            raise ValueError(f"expected {want} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
+        self._file.write(tensor.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+                         if tensor.numel() else b"")
+        self._next += 1
+
+    def close(self) -> Path:
+        """Flush to disk (every entry must have been written)."""
+        if self._next != len(self._order):
+            raise ValueError(f"{self.path}: {len(self._order) - self._next} tensors never written")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self.path
+
+    def abort(self) -> None:
+        """Close and delete a file that will not be finished."""
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def streamed_experts_path(out: Path) -> Path:
+    """Where a refactoring streams experts.safetensors before the checkpoint is assembled
+    (named like the writer's temporary files, so that the next writer cleans it up after a kill)."""
+    return Path(out).parent / f".{Path(out).name}.tmp-{os.getpid()}-experts"
+
+
 def write_prism(out: Path, *, manifest: dict, dense: dict[str, torch.Tensor],
-                experts: dict[str, torch.Tensor], gates: dict[str, torch.Tensor], force: bool,
+                experts: dict[str, torch.Tensor] | Path, gates: dict[str, torch.Tensor], force: bool,
                 extra: Callable[[Path], None] | None = None) -> None:
     """Write a prism checkpoint atomically (same inputs give the same bytes).
 
-    ``extra(dir)`` writes further files (the tokenizer) into the directory before it is
-    renamed into place. Every file listed in ``file_sizes`` gets its sha256 in ``file_sha256``.
+    ``experts``: the tensors, or an experts.safetensors already written (StreamedSafetensors),
+    moved into the checkpoint. ``extra(dir)`` writes further files (the tokenizer) into the
+    directory before it is renamed into place. Every file listed in ``file_sizes`` gets its
+    sha256 in ``file_sha256``.
     """
     out = Path(out)
     with output_lock(out):
@@ -172,6 +235,9 @@ def write_prism(out: Path, *, manifest: dict, dense: dict[str, torch.Tensor],
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would outlive the rename
             files = {DENSE: dense, EXPERTS: experts, GATES: gates}
             for name, tensors in files.items():
+                if isinstance(tensors, Path):
+                    os.replace(tensors, tmp / name)
+                    continue
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name),
                           metadata={"format": "pt"})
             manifest = dict(manifest, format_version=FORMAT_VERSION,

@@ -33,7 +33,8 @@ from edge_prism.refactor.corpus import stdlib_text
 from edge_prism.refactor.selfgen import GenerationRecipe, generated_text
 from edge_prism.refactor.partition import (SOLVERS, group_size_ok, partition, partition_objective,
                                            permutation_from_groups)
-from edge_prism.refactor.prism import (qmatrix_tensors, check_out_dir, estimate_prism_bytes, file_stats, hash_files, is_prism,
+from edge_prism.refactor.stream import calibrate_layers
+from edge_prism.refactor.prism import (StreamedSafetensors, qmatrix_tensors, streamed_experts_path, check_out_dir, estimate_prism_bytes, file_stats, hash_files, is_prism,
                                          output_lock, write_prism)
 from edge_prism.spec import ModelSpec
 
@@ -163,6 +164,7 @@ class _Collector:
             self.tokens += x.shape[0]
             self._resid = {}
         self._resid[layer] = resid.float()
+        self._resid.pop(layer - 3, None)  # drift pairs reach two layers back
         for d in (1, 2):
             if layer - d in self._resid:
                 self.drift[(layer - d, d)].add(self._resid[layer - d], self._resid[layer])
@@ -193,6 +195,11 @@ class _Collector:
             buf[slots] = rest[last[slots]]
         self.seen[key] = seen + xe.shape[0]
 
+    def release(self, layer: int) -> None:
+        """Forget ``layer``'s samples once it is partitioned."""
+        for key in [k for k in self.rows if k[0] == layer]:
+            del self.rows[key]
+
     def inputs(self, layer: int, expert: int) -> torch.Tensor:
         """The kept inputs of one expert [R, D] (R <= cap)."""
         key = (layer, expert)
@@ -216,8 +223,6 @@ def refactor(model: str | Path | None, out: Path, cfg: RefactorConfig = Refactor
 
 
 def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progress: bool) -> RefactorReport:
-    from edge_prism.api import build_plain
-
     start = time.perf_counter()
     if is_prism(path):
         raise ConfigError(f"{path}: already a prism checkpoint; refactor its source model instead")
@@ -237,36 +242,41 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
     source_sha = hash_files(files)
     recipe = generation_recipe(cfg)
     generated = generated_text(path, source_sha, recipe, progress=progress)
-    model_ = build_plain(spec, reader, dtype=torch.float32, device=cpu)
     ids = calibration_ids(raw.tokenizer, cfg, generated)
-
-    collector = _Collector(spec, cfg.rows_per_expert, cfg.seed)
-    model_.ffn_observer = collector
     chunks = list(ids.split(min(cfg.seq_len, spec.max_position)))
-    for chunk in tqdm(chunks, desc="calibrating", unit="seq", disable=not progress):
-        model_.reset(0)
-        model_.forward(chunk)
-    model_.ffn_observer = None
-    model_.reset(0)
-
     store_dtype = raw.tensors.get(next(iter(expert_names_shapes(spec, 0)))).dtype
-    experts, gates, objective = {}, {}, {s: 0.0 for s in ("contiguous", cfg.solver)}
+    collector = _Collector(spec, cfg.rows_per_expert, cfg.seed)
+    gates, objective = {}, {s: 0.0 for s in ("contiguous", cfg.solver)}
     errors: dict[str, list[float]] = {"gate_up": [], "down": []}
+    # Layer by layer: calibrate it (its weights read from the memory-mapped source), partition
+    # it, append its blocks to experts.safetensors, forget it. Peak memory stays near one
+    # layer's experts whatever the model's size.
+    writer = StreamedSafetensors(streamed_experts_path(out), _expert_entries(spec, parts, formats, store_dtype))
     threads = torch.get_num_threads()
-    # The solver's per-swap tensor ops are too small to split: extra threads only contend.
-    torch.set_num_threads(1)
+    bar = tqdm(total=spec.num_layers, desc=f"calibrating and partitioning ({cfg.solver})", unit="layer",
+               disable=not progress)
     try:
-        for layer in tqdm(range(spec.num_layers), desc=f"partitioning ({cfg.solver})", unit="layer",
-                          disable=not progress):
-            blocks, order, layer_gates, obj = _refactor_layer(spec, reader, qreader, collector, layer,
-                                                              parts[layer], cfg, formats[layer], errors)
-            experts[f"layers.{layer}.blocks"] = blocks if formats[layer] else blocks.to(store_dtype)
-            experts[f"layers.{layer}.order"] = order
+        for layer in calibrate_layers(spec, raw.tensors, reader, chunks, collector):
+            # The solver's per-swap tensor ops are too small to split: extra threads only contend.
+            torch.set_num_threads(1)
+            try:
+                blocks, order, layer_gates, obj = _refactor_layer(spec, reader, qreader, collector, layer,
+                                                                  parts[layer], cfg, formats[layer], errors)
+            finally:
+                torch.set_num_threads(threads)
+            writer.write(f"layers.{layer}.blocks", blocks if formats[layer] else blocks.to(store_dtype))
+            writer.write(f"layers.{layer}.order", order)
             gates.update({f"layers.{layer}.{k}": v for k, v in layer_gates.items()})
             for k, v in obj.items():
                 objective[k] += v
+            collector.release(layer)
+            bar.update()
+        experts = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     finally:
-        torch.set_num_threads(threads)
+        bar.close()
     objective = {k: v / max(collector.tokens, 1) for k, v in objective.items()}
     for (layer, d), stats in sorted(collector.drift.items()):
         scale, bias = fit_correction(stats)
@@ -301,10 +311,26 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
                   "source_conversions": {k: list(v) for k, v in
                                          sorted(getattr(raw.tensors, "conversions", {}).items())}},
     }
-    write_prism(out, manifest=manifest, dense=dense, experts=experts, gates=gates, force=force,
-                extra=raw.tokenizer.save)
+    try:
+        write_prism(out, manifest=manifest, dense=dense, experts=experts, gates=gates, force=force,
+                    extra=raw.tokenizer.save)
+    finally:
+        experts.unlink(missing_ok=True)  # moved into the checkpoint, or left by a failure
     return RefactorReport(out=out, seconds=time.perf_counter() - start, calib_tokens=collector.tokens,
                           objective=objective)
+
+
+def _expert_entries(spec: ModelSpec, parts: list[int], formats: list, store_dtype: torch.dtype) -> list:
+    """(name, dtype, shape) of every tensor of experts.safetensors, in the order they are written."""
+    out = []
+    for layer, (f, S, fmt) in enumerate(zip(spec.ffn, parts, formats)):
+        U = f.num_experts * S
+        if fmt is None:
+            out.append((f"layers.{layer}.blocks", store_dtype, (U, 3, f.width // S, spec.hidden_size)))
+        else:
+            out.append((f"layers.{layer}.blocks", torch.uint8, (U, fmt.nbytes)))
+        out.append((f"layers.{layer}.order", torch.int64, (U,)))
+    return out
 
 
 def _default_sources(recipe: GenerationRecipe) -> list[str]:
