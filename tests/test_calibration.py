@@ -143,3 +143,16 @@ def test_heldout_domains_are_real_text_calibration_never_saw(domain):
 def test_unknown_domain_names_the_choices():
     with pytest.raises(ConfigError, match="dialogue"):
         heldout_text("poetry")
+
+
+def test_output_mass_partitions_differently_and_stays_exact_at_full_k(prism_of, tiny_engines):
+    import edge_prism
+    from edge_prism.refactor.prism import open_prism
+
+    prompt = list(range(40, 64))
+    out, act = prism_of("llama", mass="output"), prism_of("llama", mass="activation")
+    torch.testing.assert_close(edge_prism.load(out).logits(prompt), tiny_engines("llama").logits(prompt),
+                               rtol=1e-4, atol=1e-4)
+    assert not torch.equal(open_prism(out).gate_tensor("layers.0.perm"), open_prism(act).gate_tensor("layers.0.perm"))
+    with pytest.raises(ConfigError, match="mass"):
+        RefactorConfig(mass="energy")

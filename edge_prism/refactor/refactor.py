@@ -52,6 +52,9 @@ QUANT_HELP = (
     "for every expert and attention weight")
 
 
+MASS_KINDS = ("activation", "output")
+
+
 @dataclass(frozen=True)
 class RefactorConfig:
     """Knobs of one refactoring run."""
@@ -64,9 +67,12 @@ class RefactorConfig:
     generated_share: float = 0.5
     solver: str = "anneal"
     seed: int = 0
-    rows_per_expert: int = 2048
+    rows_per_expert: int = 4096
     gate_neurons: int = 4
     gate_ridge: float = 1e-3  # linear gate's ridge penalty, relative to the mean input variance
+    # What a neuron's share of a token is measured in, for the partition, the gates and the hottest-first
+    # order: "activation" |act_i| (MoE-Prism), or "output" |act_i| * ||W_down[:, i]|| (its output's size).
+    mass: str = "output"
     seq_len: int = 512
     keep_fraction: float = 0.75  # the operating point the solver tunes for: keep 3N/4 parts
     default_gate: str = DEFAULT_GATE
@@ -82,6 +88,8 @@ class RefactorConfig:
             raise ConfigError(f"invalid generated_share {self.generated_share}: use a fraction in [0, 1]")
         if self.sub_experts is not None and self.sub_experts < 1:
             raise ConfigError(f"invalid sub_experts {self.sub_experts}: use 1 or more")
+        if self.mass not in MASS_KINDS:
+            raise ConfigError(f"invalid mass '{self.mass}': use one of {', '.join(MASS_KINDS)}")
         if self.default_gate not in gatelib.GATE_KINDS:
             raise ConfigError(f"invalid gate '{self.default_gate}': use one of {', '.join(gatelib.GATE_KINDS)}")
         if self.quant not in ("auto",) + QUANT_KINDS:
@@ -456,6 +464,8 @@ def _refactor_layer(spec: ModelSpec, reader: TensorReader, qreader: TensorReader
             x = torch.zeros(1, D)
         else:
             acts = F.silu(x @ wg.t()) * (x @ wu.t())  # [R, W]
+            if cfg.mass == "output":
+                acts = acts * wd.norm(dim=1)  # [R, W]: each neuron's output is act_i * W_down[:, i]
             groups = partition(acts, parts, keep=keep, solver=cfg.solver, seed=seed)
             a = acts.abs()
             obj[cfg.solver] += partition_objective(a, groups, parts, keep=keep)
@@ -473,7 +483,10 @@ def _refactor_layer(spec: ModelSpec, reader: TensorReader, qreader: TensorReader
         else:
             source = expert_qmatrices(spec, qreader, layer, e)
             blocks[e * parts:(e + 1) * parts] = quantized_parts(wg, wu, wd, parts, perm, fmt, source, errors)
-        proxy = gatelib.fit_proxy_gate(acts, wg, wu, groups, parts, neurons_per_group=cfg.gate_neurons)
+        # The proxy gate computes its neurons' activations at run time: in "output" mass, their
+        # up rows carry the W_down norm, so that it scores in the same unit as it was fitted.
+        wu_mass = wu * wd.norm(dim=1, keepdim=True) if cfg.mass == "output" else wu
+        proxy = gatelib.fit_proxy_gate(acts, wg, wu_mass, groups, parts, neurons_per_group=cfg.gate_neurons)
         linear = gatelib.fit_linear_gate(x, acts, groups, parts, ridge=cfg.gate_ridge)
         proxy_rows.append(proxy.rows)
         lin_w.append(linear.weight)
