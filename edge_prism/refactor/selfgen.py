@@ -124,11 +124,11 @@ class GenerationRecipe:
 
 
 def cache_dir() -> Path:
-    """Where generated calibration text is kept: ``$EDGE_PRISM_CACHE/calibration`` (else the
-    user cache, as for the default prism checkpoint)."""
-    root = Path(os.environ.get("EDGE_PRISM_CACHE") or
-                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-prism")
-    return root / "calibration"
+    """Where generated calibration text is kept: ``calibration/`` in the cache of built prism
+    checkpoints (``$EDGE_PRISM_CACHE``, else the user cache)."""
+    from edge_prism.api import cache_root
+
+    return cache_root() / "calibration"
 
 
 def generated_text(model: Path, model_sha256: str, recipe: GenerationRecipe, *, progress: bool = True) -> str:
