@@ -34,7 +34,10 @@ class RuntimeConfig:
     gate: str | None = None  # None: the prism checkpoint's default gate kind
     memory_budget: str | int | None = None  # None: every sub-expert resident
     policy: str = "lru"  # replacement policy of the dynamic slot region
-    prefetch: bool = True  # predict and load later layers' sub-experts ahead of use (budgeted)
+    # Predict and load later layers' sub-experts ahead of use under a budget. None: where it
+    # pays, a CUDA device (its copy engine runs beside the kernels); not on a CPU, where the
+    # copies take the same cores as the compute (measured: prefetch costs tokens/s there).
+    prefetch: bool | None = None
     token_latency_ms: float | None = None  # None: never drop sub-experts (exact)
     dequantize: bool = False  # expand quantized weights to the compute dtype at load (reference path)
     host_tier: str = "auto"  # under a budget, sub-experts outside it: 'ram' (pinned), 'disk' or 'auto'
@@ -208,7 +211,7 @@ def _build_prism(path: Path, cfg: RuntimeConfig, *, dtype: torch.dtype, device: 
         model.gates = [_layer_gate(pc, layer, kind, dtype, device) for layer in range(spec.num_layers)]
     if k != full:  # full K needs no gate: the exact path stays untouched
         model.selector = SubExpertSelector(spec, parts, model.gates, k)
-    if cfg.prefetch and hasattr(store, "prefetch"):  # only a store that streams can prefetch
+    if prefetch_applies(cfg, device) and hasattr(store, "prefetch"):  # only a store that streams can prefetch
         model.prefetcher = _prefetcher(pc, model)
     if cfg.token_latency_ms is not None:
         model.planner = _planner(model, cfg, device=device, dtype=dtype)
@@ -513,6 +516,12 @@ def _prism_memory(pc, spec: ModelSpec, k: int, cfg: RuntimeConfig, *, dtype: tor
         staging += sum((workers + 2) * n for n in shapes.values())
     return MemoryReport(**common, slot_pool_bytes=pool, host_tier_bytes=experts if ram else 0,
                         staging_bytes=staging, memory_budget_bytes=budget)
+
+
+def prefetch_applies(cfg: RuntimeConfig, device: torch.device) -> bool:
+    """Whether a budgeted engine on ``device`` prefetches: ``cfg.prefetch``, or by default on
+    CUDA devices only."""
+    return cfg.prefetch if cfg.prefetch is not None else torch.device(device).type == "cuda"
 
 
 def _prefetcher(pc, model: Transformer):

@@ -101,8 +101,9 @@ def add_runtime_args(p: argparse.ArgumentParser, *, operating_point: bool = True
                         "(default: all resident)")
     p.add_argument("--policy", default="lru", choices=("lru", "lfu"),
                    help="replacement policy of the non-pinned slots")
-    p.add_argument("--no-prefetch", dest="prefetch", action="store_false",
-                   help="do not predict and load sub-experts ahead of use")
+    p.add_argument("--prefetch", dest="prefetch", action="store_true", default=None,
+                   help="predict and load sub-experts ahead of use (default: on CUDA devices, off on CPUs)")
+    p.add_argument("--no-prefetch", dest="prefetch", action="store_false", help="never prefetch")
     p.add_argument("--token-latency-ms", type=_finite("token latency budget"), default=None,
                    help="decode-token latency budget: run fewer sub-experts rather than miss it")
     p.add_argument("--host-tier", default="auto", choices=("auto", "ram", "disk"),
@@ -121,7 +122,7 @@ def runtime_config(args: argparse.Namespace, **override):
                   gate=getattr(args, "gate", None),
                   memory_budget=getattr(args, "memory_budget", None),
                   policy=getattr(args, "policy", "lru"),
-                  prefetch=getattr(args, "prefetch", True),
+                  prefetch=getattr(args, "prefetch", None),
                   token_latency_ms=getattr(args, "token_latency_ms", None),
                   host_tier=getattr(args, "host_tier", "auto"),
                   max_context=getattr(args, "max_context", None))
@@ -310,6 +311,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"host RAM: {format_size(vm.total)} total, {format_size(vm.available)} available; "
           f"{psutil.cpu_count(logical=False) or psutil.cpu_count()} CPU cores")
     print(f"quantized weights: {kernel_paths()}")
+    print("prefetch under a memory budget: on for CUDA devices (their copy engine runs beside the kernels), "
+          "off on CPUs (the copies would take the compute's cores); --prefetch / --no-prefetch override")
     try:
         from edge_prism.loaders.default import default_model_path
 

@@ -96,6 +96,10 @@ class Engine:
                 out.update(part.report(self._last.token_latencies_s))
             else:
                 out.update(part.report())
+        if "memory_budget_bytes" in out and self.model.prefetcher is None:
+            # Prefetch is off (the CPU default): the keys stay, with no figure.
+            out.setdefault("prefetch_precision", None)
+            out.setdefault("prefetch_recall", None)
         return out
 
     def _reporters(self) -> list:

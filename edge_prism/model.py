@@ -310,6 +310,10 @@ class Planner(Protocol):
         """A decode token begins."""
         ...
 
+    def end_token(self) -> None:
+        """The decode token's logits are computed."""
+        ...
+
     def plan(self, layer: int, x: torch.Tensor, units: torch.Tensor, wt: torch.Tensor,
              topi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Units and weights to compute on the device, then on the host CPU (subsets of
@@ -403,7 +407,10 @@ class Transformer:
         if not all_logits:
             h = h[-1:]
         h = _rms(h, self.w.norm, self.spec.rms_norm_eps)
-        return self.w.lm_head(h).float()  # [T or 1, V]
+        logits = self.w.lm_head(h).float()  # [T or 1, V]
+        if T == 1 and self.planner is not None:
+            self.planner.end_token()
+        return logits
 
     def _attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, start: int) -> torch.Tensor:

@@ -1,17 +1,15 @@
 """QoS planner: keep a token-latency budget by running fewer sub-experts, never stalling.
 
-per decode token: start_token() -> per layer: time left / layers left -> this layer's
-share -> predicted arrival of each missing sub-expert (cost model) + compute time ->
-drop the lowest-priority sub-experts that do not fit, down to the floor (the top
-sub-expert of the top expert is always computed).
+per decode token: start_token() -> per layer: measure the last segment (OnlineCost learns
+fixed + per-resident + per-missing time) -> values and costs of this layer's sub-experts
+-> the time left, less the fixed cost of the layers to come -> one price (value per
+second) over this layer's and the later layers' sub-experts -> drop what is worth less
+here (never the layer's most valuable one) -> end_token() learns the head's time.
 
-Priority of a selected sub-expert = its expert's router weight x a rank weight from its
-sub-expert gate score within the expert (parts are stored hottest first, so without gate
-scores the part index stands in). Lowest priority is dropped first. Without a budget the
-planner is not installed and nothing is dropped.
+Without a budget the planner is not installed and nothing is dropped.
 
-The cost model (host-to-device bandwidth, per-copy overhead, per-unit and per-layer
-compute time) is measured at start-up and cached per device and model shape in the user
+The start-up cost model (host-to-device bandwidth, per-copy overhead, per-unit and
+per-layer compute time) seeds the online fit; it is measured once and cached per device and model shape in the user
 cache (``EDGE_PRISM_PROFILES``, else ``$EDGE_PRISM_CACHE/profiles``, else
 ``$XDG_CACHE_HOME/edge-prism/profiles`` or ``~/.cache/edge-prism/profiles``), never in the
 source tree.
@@ -150,18 +148,85 @@ def _measure(model, device: torch.device) -> CostModel:
                      unit_s=unit_s, layer_fixed_s=fixed + t1 - unit_s, head_s=head, host_unit_s=host_unit_s)
 
 
+class OnlineCost:
+    """The time of a decode layer segment as fixed + per-unit terms, fitted while decoding.
+
+    A segment runs from one layer's plan to the next: this layer's FFN over the sub-experts
+    kept (``n_ready`` resident, ``n_missing`` still to load), then the next layer's
+    attention, norms and router. Its time is modelled as
+
+        t = fixed + ready_s * n_ready + missing_s * n_missing
+
+    and the three terms are fitted by recursive least squares (forgetting old tokens, so the
+    fit follows contention and the page cache), starting from the start-up measurement. One
+    scale over the whole prediction, as before, let the fixed part dominate once the FFN was
+    trimmed and over-dropped; separate terms keep a trimmed layer's prediction right.
+    """
+
+    def __init__(self, fixed_s: float, ready_s: float, missing_s: float, *, forget: float = 0.98):
+        self.theta = torch.tensor([fixed_s, ready_s, missing_s], dtype=torch.float64)
+        # Prior: each term within about its own size of the start-up measurement, so that a
+        # direction the segments never excite (every sub-expert always kept) stays near it.
+        # In units of the measurement noise (RLS's P is the prior covariance over the noise
+        # variance): a segment varies by a few percent of its time from token to token.
+        noise = max(0.05 * (fixed_s + 8 * ready_s), 1e-6)
+        self.P = torch.diag(self.theta.clamp_min(1e-7) ** 2) / noise**2
+        self._trace0 = float(self.P.trace())
+        self.forget = forget
+
+    # The fit itself may wander below zero while the data cannot separate the terms (nothing
+    # dropped, nothing missing); what is used is never below a microsecond-scale floor.
+    @property
+    def fixed_s(self) -> float:
+        return max(float(self.theta[0]), 1e-6)
+
+    @property
+    def ready_s(self) -> float:
+        return max(float(self.theta[1]), 1e-7)
+
+    @property
+    def missing_s(self) -> float:
+        return max(float(self.theta[2]), self.ready_s)
+
+    def predict(self, n_ready: float, n_missing: float) -> float:
+        """Seconds of a segment with these kept sub-experts."""
+        return self.fixed_s + self.ready_s * n_ready + self.missing_s * n_missing
+
+    def observe(self, n_ready: int, n_missing: int, seconds: float) -> None:
+        """One measured segment (recursive least squares with forgetting)."""
+        x = torch.tensor([1.0, n_ready, n_missing], dtype=torch.float64)
+        Px = self.P @ x
+        gain = Px / (self.forget + x @ Px)
+        self.theta = self.theta + gain * (seconds - float(x @ self.theta))
+        self.P = (self.P - torch.outer(gain, Px)) / self.forget
+        trace = float(self.P.trace())
+        if trace > self._trace0:  # directions no segment excites (nothing missing) must not wind up
+            self.P *= self._trace0 / trace
+
+
 class LatencyPlanner:
-    """Trims each decode token's per-layer selection to fit ``budget_s`` (a model.Planner)."""
+    """Trims each decode token's selection to fit ``budget_s`` (a model.Planner).
+
+    At each layer, every sub-expert it selected has a value (its expert's router weight x
+    its share of the expert's predicted activation mass, from the sub-expert gate) and a
+    cost (OnlineCost: resident or missing). The time left to the deadline, less the fixed
+    cost of the layers to come and the head, is shared out by value per second over this
+    layer's sub-experts and the ones the later layers selected on the previous token (their
+    best guess): one price per plan, the sub-experts of this layer worth less than it are
+    dropped, the layer's most valuable one never. Nothing is dropped while everything fits.
+    """
 
     def __init__(self, model, store, cost: CostModel, *, budget_s: float):
         self.model, self.store, self.cost, self.budget_s = model, store, cost, budget_s
         self.L = model.spec.num_layers
+        nbytes = max(store.block_nbytes(layer) for layer in range(self.L))
+        self.fit = OnlineCost(cost.layer_fixed_s, cost.unit_s, cost.unit_s + cost.load_s(nbytes, 1))
+        self.head_s = cost.head_s + cost.layer_fixed_s  # the last segment: FFN call overheads + head
+        self.host_unit_s = cost.host_unit_s
         self._t0 = time.perf_counter()
-        self._mark: tuple[float, float] | None = None  # (time, predicted seconds to the next plan)
-        self.scale = 1.0  # observed / predicted time, learned while decoding (kept across tokens)
-        self.dropped = 0
-        self.host_computed = 0
-        self.tokens = 0
+        self._last: tuple[float, int, int] | None = None  # (time of the last plan, ready kept, missing kept)
+        self._seen: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.L  # per layer: (density, cost)
+        self.reset_stats()
 
     def reset_stats(self) -> None:
         """Zero the drop counters."""
@@ -172,85 +237,79 @@ class LatencyPlanner:
     def start_token(self) -> None:
         """A decode token begins now."""
         self._t0 = time.perf_counter()
-        self._mark = (self._t0, self.cost.layer_fixed_s)  # embedding and layer 0's attention
+        self._last = None
         self.tokens += 1
 
-    def _observe(self, now: float) -> None:
-        # Closed loop: the start-up cost model misses loads, gathers and contention, so the
-        # time since the last decision is compared with what it predicted and the ratio
-        # (smoothed, clamped) scales every later estimate.
-        if self._mark is not None and self._mark[1] > 0:
-            ratio = (now - self._mark[0]) / self._mark[1]
-            self.scale = 0.7 * self.scale + 0.3 * min(max(ratio, 0.1), 100.0)
+    def end_token(self) -> None:
+        """The token's logits are computed: the last segment (FFN of the last layer, head)."""
+        if self._last is not None:
+            t, n_ready, n_missing = self._last
+            spent = time.perf_counter() - t
+            rest = spent - (self.fit.predict(n_ready, n_missing) - self.fit.fixed_s)
+            self.head_s = 0.8 * self.head_s + 0.2 * max(rest, 0.0)
+            self._last = None
 
-    def _share(self, layer: int, now: float) -> float:
-        """This layer's FFN time budget, in the cost model's (unscaled) seconds."""
-        c = self.cost
-        left = self.budget_s / self.scale - (now - self._t0) / self.scale - c.head_s
-        layers_left = self.L - layer
-        return (left - (layers_left - 1) * c.layer_fixed_s) / layers_left
-
-    def priorities(self, layer: int, x: torch.Tensor, units: torch.Tensor, wt: torch.Tensor,
-                   topi: torch.Tensor) -> torch.Tensor:
-        """Priority of each selected unit [P] (router weight x gate-rank weight)."""
+    def values(self, layer: int, x: torch.Tensor, units: torch.Tensor, wt: torch.Tensor,
+               topi: torch.Tensor) -> torch.Tensor:
+        """Value of each selected unit [P]: router weight x its share of the expert's predicted
+        mass (sub-expert gate scores, clamped at 0); without scores, a hottest-first rank."""
         S = self.model.parts[layer]
         part = units % S
-        rank = part.float()
+        weight = wt[:, 0].float().cpu()
         scores = self.model.part_scores(layer, x, topi)  # [1, k, S] or None
-        if scores is not None:
-            ranks = scores[0].argsort(dim=-1, descending=True, stable=True).argsort(dim=-1).float().cpu()  # [k, S]
-            expert_rank = {int(e): j for j, e in enumerate(topi[0].tolist())}
-            rows = torch.tensor([expert_rank[int(u) // S] for u in units.tolist()])
-            rank = ranks[rows, part]
-        return wt[:, 0].float().cpu() * (1.0 - rank / (2 * S))
+        if scores is None:
+            return weight * (1.0 - part.float() / (2 * S))
+        mass = scores[0].float().clamp_min(0).cpu()  # [k, S]
+        share = mass / mass.sum(-1, keepdim=True).clamp_min(1e-12)  # [k, S]
+        expert_row = {int(e): j for j, e in enumerate(topi[0].tolist())}
+        rows = torch.tensor([expert_row[int(u) // S] for u in units.tolist()])
+        return weight * (share[rows, part] + 1e-6)  # a tiny floor keeps zero-mass parts ordered
 
     def plan(self, layer: int, x: torch.Tensor, units: torch.Tensor, wt: torch.Tensor,
              topi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Which of ``units`` to compute within this layer's share of the budget.
+        """Which of ``units`` to compute (on the device, then on the host CPU) to meet the deadline.
 
-        Returns (device units, their weights, host units, their weights): a missing
-        sub-expert is computed on the host CPU from host memory instead of waiting for its
-        copy when the cost model says that is faster (CUDA); the rest that do not fit are
-        dropped, lowest priority first, never the top one.
+        Returns (device units, their weights, host units, their weights): a missing sub-expert
+        is computed on the host from host memory instead of waiting for its copy when that is
+        cheaper (CUDA); the rest that are worth less than the plan's price are dropped.
         """
-        empty = units[:0], wt[:0]
-        P = units.shape[0]
         now = time.perf_counter()
-        self._observe(now)
-        share = self._share(layer, now)
-        c = self.cost
-        nbytes = self.store.block_nbytes(layer)
-        ready = [self.store.ready(layer, int(u)) for u in units.tolist()]
-        everything = c.load_s(nbytes, ready.count(False)) + P * c.unit_s
-        if everything <= share:
-            self._mark = (now, everything + c.layer_fixed_s)
-            return units, wt, *empty
-        host_ok = c.host_unit_s is not None and hasattr(self.store, "host_blocks")
-        order = torch.argsort(self.priorities(layer, x, units, wt, topi), descending=True, stable=True)
-        keep, host, missing, host_s = [], [], 0, 0.0
-        for rank, i in enumerate(order.tolist()):
-            with_it = missing + (0 if ready[i] else 1)
-            # Host and device work run side by side: the layer takes the longer of the two.
-            on_device = max(c.load_s(nbytes, with_it) + (len(keep) + 1) * c.unit_s, host_s)
-            on_host = (max(c.load_s(nbytes, missing) + len(keep) * c.unit_s, host_s + c.host_unit_s)
-                       if host_ok and not ready[i] else float("inf"))
-            if min(on_device, on_host) > share and rank > 0:  # the floor is always computed
-                continue
-            if on_host < on_device:
-                host.append(i)
-                host_s += c.host_unit_s
-            else:
-                keep.append(i)
-                missing = with_it
-        self.dropped += P - len(keep) - len(host)
-        self.host_computed += len(host)
-        planned = max(c.load_s(nbytes, missing) + len(keep) * c.unit_s, host_s)
-        self._mark = (now, planned + c.layer_fixed_s)  # this FFN and the next layer's attention
-        dev, hst = torch.tensor(sorted(keep), dtype=torch.long), torch.tensor(sorted(host), dtype=torch.long)
+        fit = self.fit
+        if self._last is not None:  # the segment since the last plan is measured: learn from it
+            t, n_ready, n_missing = self._last
+            fit.observe(n_ready, n_missing, now - t)
+        P = units.shape[0]
+        ready = torch.tensor([self.store.ready(layer, int(u)) for u in units.tolist()])
+        host_ok = self.host_unit_s is not None and hasattr(self.store, "host_blocks")
+        missing_cost = min(fit.missing_s, self.host_unit_s) if host_ok else fit.missing_s
+        cost = torch.where(ready, torch.tensor(fit.ready_s), torch.tensor(missing_cost)).double()  # [P]
+        value = self.values(layer, x, units, wt, topi).double()  # [P]
+        density = value / cost
+        left = self.budget_s - (now - self._t0) - self.head_s - (self.L - 1 - layer) * fit.fixed_s
+        later = [s for s in self._seen[layer + 1:] if s is not None]
+        demand = float(cost.sum()) + sum(float(c.sum()) for _, c in later)
+        self._seen[layer] = (density, cost)
+        if demand <= left:
+            keep = torch.ones(P, dtype=torch.bool)
+        else:
+            # The price: walk every known sub-expert by value per second until the time runs out.
+            dens = torch.cat([density] + [d for d, _ in later])
+            costs = torch.cat([cost] + [c for _, c in later])
+            order = torch.argsort(dens, descending=True)
+            fits = torch.cumsum(costs[order], 0) <= max(left, 0.0)
+            price = float(dens[order][fits][-1]) if bool(fits.any()) else float("inf")
+            keep = density >= price
+            keep[int(torch.argmax(value))] = True  # the floor: the layer's most valuable sub-expert
+        to_host = keep & ~ready & torch.tensor(host_ok and self.host_unit_s < fit.missing_s)
+        on_device = keep & ~to_host
+        self.dropped += int(P - int(keep.sum()))
+        self.host_computed += int(to_host.sum())
+        self._last = (now, int((on_device & ready).sum()), int((on_device & ~ready).sum()))
+        dev, hst = on_device.nonzero().squeeze(1), to_host.nonzero().squeeze(1)
         return units[dev], wt[dev], units[hst], wt[hst]
 
     def report(self, latencies_s: list[float]) -> dict:
-        """Drop counters and the share of decode tokens within the budget."""
+        """Drop counters, the share of decode tokens within the budget and the fitted costs."""
         within = sum(1 for t in latencies_s if t <= self.budget_s)
         return {
             "token_latency_budget_ms": self.budget_s * 1000,
@@ -258,4 +317,7 @@ class LatencyPlanner:
             "dropped_subexperts_per_token": self.dropped / self.tokens if self.tokens else 0.0,
             "tokens_within_budget": within / len(latencies_s) if latencies_s else None,
             "cpu_computed_subexperts": self.host_computed,
+            "cost_fixed_ms": self.fit.fixed_s * 1000,
+            "cost_resident_ms": self.fit.ready_s * 1000,
+            "cost_missing_ms": self.fit.missing_s * 1000,
         }

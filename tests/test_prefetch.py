@@ -32,7 +32,7 @@ def test_prefetch_does_not_change_output(olmoe, min_budget):
 
 
 def test_prefetch_stats_are_reported(olmoe, min_budget):
-    engine = edge_prism.load(olmoe, memory_budget=min_budget(olmoe) * 2)
+    engine = edge_prism.load(olmoe, memory_budget=min_budget(olmoe) * 2, prefetch=True)
     engine.generate_ids(PROMPT, max_new_tokens=12)
     s = engine.stats
     assert 0.0 <= s["prefetch_precision"] <= 1.0 and 0.0 <= s["prefetch_recall"] <= 1.0
@@ -40,7 +40,16 @@ def test_prefetch_stats_are_reported(olmoe, min_budget):
     assert engine.model.store.stats.prefetch_issued > 0
     off = edge_prism.load(olmoe, memory_budget=min_budget(olmoe) * 2, prefetch=False)
     off.generate_ids(PROMPT, max_new_tokens=4)
-    assert "prefetch_precision" not in off.stats
+    assert off.stats["prefetch_precision"] is None and off.model.prefetcher is None
+
+
+def test_prefetch_is_on_by_default_only_where_it_pays(olmoe, min_budget):
+    from edge_prism.api import RuntimeConfig, prefetch_applies
+
+    assert edge_prism.load(olmoe, memory_budget=min_budget(olmoe) * 2).model.prefetcher is None  # CPU
+    assert prefetch_applies(RuntimeConfig(), torch.device("cuda", 0))
+    assert not prefetch_applies(RuntimeConfig(), torch.device("cpu"))
+    assert prefetch_applies(RuntimeConfig(prefetch=True), torch.device("cpu"))
 
 
 def test_predictor_ranks_units_of_the_target_layer(olmoe):
@@ -75,7 +84,7 @@ def test_drift_correction_is_stored_and_used(olmoe, min_budget):
 
     pc = open_prism(olmoe)
     assert "layers.0.predict.1.scale" in pc.gates.names()
-    engine = edge_prism.load(olmoe, memory_budget=min_budget(olmoe) * 2)
+    engine = edge_prism.load(olmoe, memory_budget=min_budget(olmoe) * 2, prefetch=True)
     assert (0, 1) in engine.model.prefetcher.predictor.corrections
 
 
@@ -153,11 +162,13 @@ def test_planner_drops_lowest_priority_first():
     assert torch.equal(kw, torch.tensor([[.7]] * 3))
 
 
-def test_planner_uses_gate_scores_within_an_expert():
+def test_planner_values_parts_by_their_share_of_predicted_mass():
     units, wt, topi = _selection()
-    scores = torch.tensor([[[0., 0., 0., 9.], [5., 0., 0., 0.]]])  # expert 2: part 3 best
+    scores = torch.tensor([[[0., 0., 0., 9.], [5., 0., 0., 0.]]])  # expert 2: part 3 holds all its mass
     kept, _, _, _ = _fake_planner(0.0025, scores=scores).plan(0, torch.zeros(1, 8), units, wt, topi)
-    assert kept.tolist() == [8, 11]
+    # Expert 2's part 3 (.7 x 1) first, then expert 0's part 0 (.3 x 1), before expert 2's
+    # parts the gate predicts to be empty (.7 x 0).
+    assert kept.tolist() == [0, 11]
 
 
 def test_planner_never_drops_the_floor():
@@ -210,8 +221,24 @@ def test_missing_sub_experts_run_on_the_host_when_that_is_faster(olmoe, min_budg
     compute is fast: nothing is dropped, the output stays exact, and the count is reported."""
     ref = edge_prism.load(olmoe)
     engine = edge_prism.load(olmoe, memory_budget=min_budget(olmoe), prefetch=False, token_latency_ms=10_000)
-    engine.model.planner.cost = CostModel(device="forced", h2d_bytes_per_s=1e3, copy_overhead_s=0.0,
-                                          unit_s=1e-9, layer_fixed_s=0.0, head_s=0.0, host_unit_s=1e-9)
+    forced = CostModel(device="forced", h2d_bytes_per_s=1e3, copy_overhead_s=0.0, unit_s=1e-9,
+                       layer_fixed_s=0.0, head_s=0.0, host_unit_s=1e-9)
+    engine.model.planner = LatencyPlanner(engine.model, engine.model.store, forced, budget_s=10.0)
     assert engine.generate_ids(PROMPT, max_new_tokens=8) == ref.generate_ids(PROMPT, max_new_tokens=8)
     s = engine.stats
     assert s["cpu_computed_subexperts"] > 0 and s["dropped_subexperts"] == 0
+
+
+def test_online_cost_separates_fixed_resident_and_missing_time():
+    from edge_prism.runtime.planner import OnlineCost
+
+    gen = torch.Generator().manual_seed(0)
+    fit = OnlineCost(0.01, 0.01, 0.01)  # a wrong start-up guess
+    for _ in range(300):
+        n_ready, n_missing = (int(v) for v in torch.randint(0, 16, (2,), generator=gen))
+        noise = float(torch.randn(1, generator=gen)) * 1e-5
+        fit.observe(n_ready, n_missing, 0.002 + 0.0001 * n_ready + 0.0005 * n_missing + noise)
+    assert abs(fit.fixed_s - 0.002) < 2e-4
+    assert abs(fit.ready_s - 0.0001) < 2e-5 and abs(fit.missing_s - 0.0005) < 2e-5
+    # A trimmed layer is predicted by its own terms, not by a scale of the untrimmed one.
+    assert abs(fit.predict(2, 0) - 0.0022) < 3e-4
