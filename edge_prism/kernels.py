@@ -284,7 +284,7 @@ class QuantExperts:
                 w = None  # every part, weight 1
             elif j - i == S:
                 w = wt[i:j]  # [S, T] every part
-            else:
+            elif x.is_cuda:
                 # Row by row from Python ints: an index tensor made on the host would be a
                 # pageable copy to the device (a host sync) per expert per token.
                 w = x.new_zeros(S, T)
@@ -293,6 +293,9 @@ class QuantExperts:
                         w[u % S] = 1
                     else:
                         w[u % S] = wt[i + r]
+            else:  # on the CPU one indexed write is cheaper than a write per part
+                w = x.new_zeros(S, T)
+                w[torch.tensor([u % S for u in ids[i:j]])] = 1 if wt is None else wt[i:j]
             y = self._expert(xb, pool[e], w)  # [T, D]
             self.bytes_read += pool[e].nbytes()
             out = y if out is None else out + y
