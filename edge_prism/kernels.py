@@ -300,7 +300,7 @@ class QuantExperts:
             self.bytes_read += pool[e].nbytes()
             out = y if out is None else out + y
             i = j
-        return out.to(x.dtype)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def _expert(self, xb: torch.Tensor, m: ExpertMatrices, w: torch.Tensor | None) -> torch.Tensor:
         fmt, S, raw = self.fmt, self.S, self.backend.raw

@@ -609,7 +609,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> to
         # Decode: grouped matmuls; CPU SDPA with enable_gqa is ~40x slower at this size.
         qg = q.view(Hk, H // Hk, hd)  # [Hk, G, hd]
         scores = torch.matmul(qg, k.transpose(1, 2)) * (1.0 / math.sqrt(hd))  # [Hk, G, L]
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # [Hk, G, L]
+        # (In float32 the conversions would be no-op dispatches, 60 per token: skipped.)
+        probs = torch.softmax(scores, dim=-1) if q.dtype == torch.float32 else \
+            torch.softmax(scores.float(), dim=-1).to(q.dtype)  # [Hk, G, L]
         return torch.matmul(probs, v).reshape(1, H * hd)  # [1, H*hd]
     if H != Hk:
         k, v = k.repeat_interleave(H // Hk, dim=0), v.repeat_interleave(H // Hk, dim=0)  # [H, L, hd]
