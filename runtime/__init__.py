@@ -1,19 +1,28 @@
 """The memory runtime: keeps sub-experts resident in a fixed budget and streams the rest.
 
-[HostTier: file | host RAM] -> [Transferer: pinned staging, CopyStream] -> [SlotPool] <- [ResidencyPolicy: key -> slot]
+[HostTier: file | host RAM] -> [Transferer: demand before speculation, pinned staging,
+CopyStream] -> [SlotPool] <- [ResidencyPolicy: key -> slot]
 
-``device`` is the only module that touches ``torch.cuda``; ``policy`` is tensor-free
-bookkeeping; ``transfer`` is the mechanism that moves bytes; ``sizes`` parses budgets.
+``device`` is the only module that touches ``torch.cuda`` (and holds the emulated
+asynchronous device the tests run the CUDA ordering on); ``policy`` is tensor-free
+bookkeeping; ``transfer`` is the mechanism that moves bytes; ``store`` ties them into the
+model's ExpertStore; ``accounting`` counts every byte an engine holds before it is built;
+``sizes`` parses budgets.
 """
 
+from .accounting import MemoryReport
 from .device import (
     ComputeMark,
     CopyHandle,
     CopyStream,
+    DeviceBuffer,
+    EmulatedDevice,
     default_dtype,
+    emulate,
     free_memory_bytes,
     gpu_info,
     host_available_bytes,
+    host_buffer,
     measure_h2d_bandwidth,
     pin,
     resolve_device,
@@ -28,8 +37,11 @@ __all__ = [
     "ComputeMark",
     "CopyHandle",
     "CopyStream",
+    "DeviceBuffer",
+    "EmulatedDevice",
     "FileTier",
     "HostTier",
+    "MemoryReport",
     "MemoryTier",
     "POLICIES",
     "ResidencyPolicy",
@@ -37,10 +49,12 @@ __all__ = [
     "Ticket",
     "Transferer",
     "default_dtype",
+    "emulate",
     "format_size",
     "free_memory_bytes",
     "gpu_info",
     "host_available_bytes",
+    "host_buffer",
     "measure_h2d_bandwidth",
     "parse_size",
     "pin",

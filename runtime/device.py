@@ -673,12 +673,14 @@ class EmulatedDevice:
 
     # -- streams and events ----------------------------------------------------------------
     def stream(self, priority: int) -> _EmuStream:
+        """A new stream of the copy engine."""
         s = _EmuStream(self, priority)
         with self._cv:
             self._streams.append(s)
         return s
 
     def event(self) -> _EmuEvent:
+        """A new event (done until recorded)."""
         return _EmuEvent(self)
 
     def enqueue_copy(self, stream: _EmuStream, dst: torch.Tensor, src: torch.Tensor, waits: list,
@@ -723,14 +725,19 @@ class EmulatedDevice:
             return sum(s.issued - s.completed for s in self._streams)
 
     def close(self) -> None:
-        """Stop the engine threads once the queued work has run."""
+        """Stop the engine threads once the queued work has run (they are joined: a daemon
+        thread still running at interpreter exit can abort the process)."""
         self.synchronize()
         with self._cv:
             self._closed = True
             self._cv.notify_all()
+        for t in (self._thread, self._compute_thread):
+            if t is not threading.current_thread():
+                t.join()
 
     # -- memory ------------------------------------------------------------------------------
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, _Block]:
+        """"Device" memory: a freed block of the same size if no recorded stream still uses it."""
         nbytes = math.prod(shape) * dtype.itemsize
         with self._cv:
             block = None
@@ -745,12 +752,14 @@ class EmulatedDevice:
         return block.raw.view(dtype).view(shape), block
 
     def free(self, block: _Block) -> None:
+        """Give ``block`` back; reusable once the streams recorded on it have run what is queued now."""
         with self._cv:
             self._live.pop(block.raw.data_ptr(), None)
             block.ready = [("stream", s, s.issued) for s in block.streams]
             self._free_blocks.setdefault(block.nbytes, []).append(block)
 
     def record_use(self, t: torch.Tensor, stream: _EmuStream) -> None:
+        """``Tensor.record_stream`` for the block holding ``t``."""
         ptr = t.data_ptr()
         with self._cv:
             for start, block in self._live.items():

@@ -270,7 +270,9 @@ def test_repl_survives_two_ctrl_c_under_a_small_budget(olmoe, min_budget, gap):
         assert read_until(prompt_after(mark, summary=True), 120), out.decode(errors="replace")
         reply = out[mark:].decode(errors="replace")
         os.write(master, b"/exit\n")
-        assert proc.wait(timeout=30) == 0
+        code = proc.wait(timeout=30)
+        read_until(lambda text: False, 0.5)
+        assert code == 0, out.decode(errors="replace")[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
