@@ -51,17 +51,20 @@ def eval_cli(prism: Path, text: Path, max_tokens: int) -> tuple[list[str], list[
 
 
 def measure(model: str, solvers: list[str], domains: list[str], max_tokens: int, work: Path,
-            partial: Path | None = None) -> dict:
+            partial: Path | None = None, calibrations: list[str] = list(CALIBRATIONS),
+            cache: Path | None = None) -> dict:
     """Refactor per (calibration, solver), evaluate every domain at every K (the results so far
-    go to ``partial`` after each run)."""
+    go to ``partial`` after each domain). ``cache``: reuse its generated text (else a fresh cache,
+    and the generation is timed)."""
     texts = {}
     for d in domains:
         texts[d] = work / f"{d}.txt"
         texts[d].write_text(heldout_text(d), encoding="utf-8")
-    os.environ["EDGE_PRISM_CACHE"] = str(work / "cache")  # generated text starts uncached
-    res: dict = {"model": model, "max_tokens": max_tokens, "domains": domains, "runs": {},
-                 "machine": _machine(), "generate_s": _time_generation(model, CALIBRATIONS["new"][1])}
-    for calib, (desc, cfg) in CALIBRATIONS.items():
+    os.environ["EDGE_PRISM_CACHE"] = str(cache or work / "cache")  # fresh: generated text starts uncached
+    res: dict = {"model": model, "max_tokens": max_tokens, "domains": domains, "runs": {}, "machine": _machine(),
+                 "generate_s": None if cache else _time_generation(model, CALIBRATIONS["new"][1])}
+    for calib in calibrations:
+        desc, cfg = CALIBRATIONS[calib]
         for solver in solvers:
             name = f"{calib}-{solver}"
             prism = work / f"{name}.prism"
@@ -79,9 +82,9 @@ def measure(model: str, solvers: list[str], domains: list[str], max_tokens: int,
                                      "usable": usable, "command": " ".join(cmd[:2] + [f"{name}.prism"] + cmd[3:])}
                 print(f"{name:16} {d:10} K={round(0.75 * full)} x{ppl[round(0.75 * full)] / ppl[full]:.3f} "
                       f"usable {usable}", file=sys.stderr, flush=True)
-            res["runs"][name] = run
-            if partial is not None:
-                partial.write_text(json.dumps(res, indent=1) + "\n")
+                res["runs"][name] = run
+                if partial is not None:
+                    partial.write_text(json.dumps(res, indent=1) + "\n")
     return res
 
 
@@ -124,7 +127,7 @@ def markdown(res: dict) -> str:
              "docstrings = stdlib docstrings, eval split; licenses = /usr/share/common-licenses; "
              "reference = Python Language Reference (pydoc_data.topics); dialogue = chatterbot-corpus "
              "(English); code = stdlib source of modules outside the docstring corpus.", "",
-             f"Writing the new calibration text (first use of a model, then cached): {res['generate_s']:.0f} s. "
+             f"Writing the new calibration text (first use of a model, then cached): {res['generate_s'] or 0:.0f} s. "
              "Runs: " + "; ".join(f"**{n}**: {r['calibration']}, solver {r['solver']}, refactor "
                                   f"{r['refactor_s']:.0f} s" for n, r in runs.items()), "",
              f"## Summary at K={k34} (target: at most {TARGET_K12}x on every domain) and usable points "
@@ -165,6 +168,8 @@ def main(argv=None) -> int:
                    help=f"comma-separated, of {', '.join(DOMAINS)} (default: all but the calibration's own "
                         "register, docstrings)")
     p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--calibrations", default=",".join(CALIBRATIONS), help="comma-separated, of old,new")
+    p.add_argument("--cache", default=None, help="reuse the generated text cached in this directory")
     p.add_argument("--out", default=None, help="output stem (default profiles/quality_domains_<model>)")
     p.add_argument("--from-json", default=None,
                    help="only rewrite the Markdown from earlier JSONs (comma-separated: their runs are merged, "
@@ -176,6 +181,7 @@ def main(argv=None) -> int:
         res = parts[0]
         for other in parts[1:]:
             res["runs"].update(other["runs"])
+            res["generate_s"] = res.get("generate_s") or other.get("generate_s")
         res["runs"] = {n: res["runs"][n] for c in CALIBRATIONS for n in sorted(res["runs"]) if n.startswith(c + "-")}
     else:
         model = args.model
@@ -185,7 +191,8 @@ def main(argv=None) -> int:
             model = str(default_model_path())
         with tempfile.TemporaryDirectory() as work:
             res = measure(model, args.solvers.split(","), args.domains.split(","), args.max_tokens, Path(work),
-                          partial=stem.with_name(stem.name + ".partial.json"))
+                          partial=stem.with_name(stem.name + ".partial.json"),
+                          calibrations=args.calibrations.split(","), cache=args.cache and Path(args.cache))
         res["model"] = args.model
     for suffix, text in ((".json", json.dumps(res, indent=1)), (".md", markdown(res))):
         tmp = stem.with_name(stem.name + suffix + ".tmp")
