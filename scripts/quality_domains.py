@@ -112,7 +112,7 @@ def markdown(res: dict) -> str:
     """Per-domain tables (every K, every run) and a summary against the targets."""
     runs, domains = res["runs"], res["domains"]
     names = list(runs)
-    first = runs[names[0]]["domains"][domains[0]]["perplexity"]
+    first = next(iter(runs[names[0]]["domains"].values()))["perplexity"]
     full = max(int(k) for k in first)
     k34 = round(0.75 * full)
     lines = [f"# Quality of {res['model']} per held-out domain, old vs new calibration",
@@ -127,7 +127,8 @@ def markdown(res: dict) -> str:
              "docstrings = stdlib docstrings, eval split; licenses = /usr/share/common-licenses; "
              "reference = Python Language Reference (pydoc_data.topics); dialogue = chatterbot-corpus "
              "(English); code = stdlib source of modules outside the docstring corpus.", "",
-             f"Writing the new calibration text (first use of a model, then cached): {res['generate_s'] or 0:.0f} s. "
+             (f"Writing the new calibration text (first use of a model, then cached): {res['generate_s']:.0f} s. "
+              if res.get("generate_s") else "Writing the new calibration text: not timed in this run (--cache). ") +
              "Runs: " + "; ".join(f"**{n}**: {r['calibration']}, solver {r['solver']}, refactor "
                                   f"{r['refactor_s']:.0f} s" for n, r in runs.items()), "",
              f"## Summary at K={k34} (target: at most {TARGET_K12}x on every domain) and usable points "
@@ -135,19 +136,22 @@ def markdown(res: dict) -> str:
              "| run | " + " | ".join(domains) + " | usable points (fewest over domains) |",
              "|---|" + "---|" * (len(domains) + 1)]
     for n in names:
-        d = runs[n]["domains"]
-        cells = [f"x{d[dom]['ratio'][k34]:.3f} ({len(d[dom]['usable'])})" for dom in domains]
-        lines.append(f"| {n} | " + " | ".join(cells) + f" | {min(len(d[dom]['usable']) for dom in domains)} |")
+        d = runs[n]["domains"]  # a run cut short lacks its last domains: "not measured"
+        cells = [f"x{d[dom]['ratio'][k34]:.3f} ({len(d[dom]['usable'])})" if dom in d else "not measured"
+                 for dom in domains]
+        fewest = min((len(d[dom]["usable"]) for dom in domains if dom in d), default=0)
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {fewest} |")
     for dom in domains:
+        have = [n for n in names if dom in runs[n]["domains"]]
         lines += ["", f"## {dom}: full perplexity "
-                  + ", ".join(f"{n} {runs[n]['domains'][dom]['perplexity'][full]:.3f}" for n in names), "",
-                  "| K | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+                  + ", ".join(f"{n} {runs[n]['domains'][dom]['perplexity'][full]:.3f}" for n in have), "",
+                  "| K | " + " | ".join(have) + " |", "|---|" + "---|" * len(have)]
         for k in range(full, 0, -1):
             cells = [f"{runs[n]['domains'][dom]['perplexity'][k]:.2f} (x{runs[n]['domains'][dom]['ratio'][k]:.3f})"
-                     for n in names]
+                     for n in have]
             lines.append(f"| {k} | " + " | ".join(cells) + " |")
         lines.append("")
-        lines.append("usable: " + "; ".join(f"{n} {runs[n]['domains'][dom]['usable']}" for n in names))
+        lines.append("usable: " + "; ".join(f"{n} {runs[n]['domains'][dom]['usable']}" for n in have))
     return "\n".join(lines) + "\n"
 
 
