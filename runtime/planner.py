@@ -136,8 +136,10 @@ def _measure(model, device: torch.device) -> CostModel:
     unit_s = max((tm - t1) / max(many - 1, 1), 1e-7)
     # Per-layer fixed work (attention over a short cache, norms, router) and the head.
     lw = model.w.layers[layer]
-    q_width = spec.num_heads * spec.head_dim
-    fixed = _timed(lambda: lw.wo(lw.wqkv(x)[:, :q_width]), 10, device) * 1.5  # + attention, norms, router
+    # wo takes the heads' outputs: head_dim wide each, or v_head_dim with latent attention (MLA).
+    o_width = spec.num_heads * (spec.mla.v_head_dim if spec.mla is not None else spec.head_dim)
+    o_in = torch.zeros(1, o_width, device=device, dtype=model.dtype)
+    fixed = _timed(lambda: (lw.wqkv(x), lw.wo(o_in)), 10, device) * 1.5  # + attention, norms, router
     head = _timed(lambda: model.w.lm_head(x), 5, device)
     host_unit_s = None
     if device.type == "cuda" and hasattr(model.store, "host_blocks") and isinstance(pool, torch.Tensor):

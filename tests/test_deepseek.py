@@ -187,3 +187,10 @@ def test_memory_budget_prefetch_and_latency_budget_keep_the_output(variant, pris
         torch.testing.assert_close(engine.logits(PROMPT), want, rtol=1e-5, atol=1e-5)
         assert engine.generate_ids(PROMPT, max_new_tokens=8, temperature=0) == want_ids
     assert engine.stats["dropped_subexperts"] == 0
+
+
+def test_latency_budget_on_a_low_rank_query_model(tiny_checkpoint):
+    # The cost model's start-up timing takes wo's input width from the spec (MLA: v_head_dim).
+    engine = edge_prism.load(tiny_checkpoint("deepseek_v2-grouped"), token_latency_ms=1e6)
+    assert engine.generate_ids(list(range(5, 15)), max_new_tokens=3, temperature=0)
+    assert engine.stats["dropped_subexperts"] == 0
