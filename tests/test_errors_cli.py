@@ -253,11 +253,16 @@ def test_info(default_model_path):
 def test_default_model_answers_in_process(capsys, monkeypatch, default_engine):
     # The shared engine stands in for a second ~8 s load; the parsing, streaming and output
     # are the command's own.
+    # The command closes its engine on the way out; the shared one must stay open for later
+    # tests, so its close is recorded here instead of run.
     monkeypatch.setattr(cli, "load_engine", lambda args: default_engine)
+    closed = []
+    monkeypatch.setattr(default_engine, "close", lambda: closed.append(True))
     code, out, err = run_main(capsys, "chat", "--prompt", "What is 2+2?", "-n", "16", "-t", "0")
     assert code == 0, err
     assert "4" in out
     assert SUMMARY.match(err.strip())
+    assert closed == [True]
 
 
 @pytest.mark.slow
