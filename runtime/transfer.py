@@ -35,7 +35,7 @@ import torch
 from edge_prism.errors import ConfigError, CorruptCheckpointError, PrismCheckpointError
 
 from .device import (DEMAND_PRIORITY, SPECULATIVE_PRIORITY, ComputeMark, CopyHandle, CopyStream, DeviceBuffer,
-                     default_workers, is_async, is_pinned, new_event, pinned_empty)
+                     default_workers, init_helper_thread, is_async, is_pinned, new_event, pinned_empty)
 
 logger = logging.getLogger(__name__)
 
@@ -539,6 +539,7 @@ class Transferer:
 
 def _worker(ref: "weakref.ref[Transferer]", q: _Queue) -> None:
     """Serve demand loads first, speculative ones when no demand load waits."""
+    init_helper_thread()
     while True:
         with q.cv:
             while not (q.demand or q.speculative) and not q.closed:
@@ -562,6 +563,7 @@ def _worker(ref: "weakref.ref[Transferer]", q: _Queue) -> None:
 
 def _speculative_issuer(ref: "weakref.ref[Transferer]", q: _Queue) -> None:
     """Direct path: issue queued speculative copies, at most SPECULATIVE_DEPTH on the device."""
+    init_helper_thread()
     inflight: deque[CopyHandle] = deque()
     while True:
         if len(inflight) >= SPECULATIVE_DEPTH:
