@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from edge_prism.kernels import block_ffn
@@ -166,29 +167,31 @@ class OnlineCost:
     """
 
     def __init__(self, fixed_s: float, ready_s: float, missing_s: float, *, forget: float = 0.98):
-        self.theta = torch.tensor([fixed_s, ready_s, missing_s], dtype=torch.float64)
+        # Plain floats: a 3-term fit per layer per token in torch ops cost ~0.1 ms a layer.
+        self.theta = [float(fixed_s), float(ready_s), float(missing_s)]
         # Prior: each term within about its own size of the start-up measurement, so that a
         # direction the segments never excite (every sub-expert always kept) stays near it.
         # In units of the measurement noise (RLS's P is the prior covariance over the noise
         # variance): a segment varies by a few percent of its time from token to token.
         noise = max(0.05 * (fixed_s + 8 * ready_s), 1e-6)
-        self.P = torch.diag(self.theta.clamp_min(1e-7) ** 2) / noise**2
-        self._trace0 = float(self.P.trace())
+        self.P = [[(max(t, 1e-7) ** 2 / noise**2 if i == j else 0.0) for j in range(3)]
+                  for i, t in enumerate(self.theta)]
+        self._trace0 = sum(self.P[i][i] for i in range(3))
         self.forget = forget
 
     # The fit itself may wander below zero while the data cannot separate the terms (nothing
     # dropped, nothing missing); what is used is never below a microsecond-scale floor.
     @property
     def fixed_s(self) -> float:
-        return max(float(self.theta[0]), 1e-6)
+        return max(self.theta[0], 1e-6)
 
     @property
     def ready_s(self) -> float:
-        return max(float(self.theta[1]), 1e-7)
+        return max(self.theta[1], 1e-7)
 
     @property
     def missing_s(self) -> float:
-        return max(float(self.theta[2]), self.ready_s)
+        return max(self.theta[2], self.ready_s)
 
     def predict(self, n_ready: float, n_missing: float) -> float:
         """Seconds of a segment with these kept sub-experts."""
@@ -196,14 +199,24 @@ class OnlineCost:
 
     def observe(self, n_ready: int, n_missing: int, seconds: float) -> None:
         """One measured segment (recursive least squares with forgetting)."""
-        x = torch.tensor([1.0, n_ready, n_missing], dtype=torch.float64)
-        Px = self.P @ x
-        gain = Px / (self.forget + x @ Px)
-        self.theta = self.theta + gain * (seconds - float(x @ self.theta))
-        self.P = (self.P - torch.outer(gain, Px)) / self.forget
-        trace = float(self.P.trace())
+        x = (1.0, float(n_ready), float(n_missing))
+        P, theta = self.P, self.theta
+        Px = [sum(P[i][j] * x[j] for j in range(3)) for i in range(3)]
+        denom = self.forget + sum(x[i] * Px[i] for i in range(3))
+        gain = [v / denom for v in Px]
+        err = seconds - sum(x[i] * theta[i] for i in range(3))
+        self.theta = [theta[i] + gain[i] * err for i in range(3)]
+        self.P = [[(P[i][j] - gain[i] * Px[j]) / self.forget for j in range(3)] for i in range(3)]
+        trace = sum(self.P[i][i] for i in range(3))
         if trace > self._trace0:  # directions no segment excites (nothing missing) must not wind up
-            self.P *= self._trace0 / trace
+            k = self._trace0 / trace
+            self.P = [[v * k for v in row] for row in self.P]
+
+
+# The share of decode tokens allowed to miss the budget: the planner aims at the budget less
+# a slack that tracks this quantile of its own overruns.
+MISS_RATE = 0.05
+SLACK_STEP = 0.02  # of the budget, per missed token (a met token takes back MISS_RATE/(1-MISS_RATE) of it)
 
 
 class LatencyPlanner:
@@ -216,6 +229,15 @@ class LatencyPlanner:
     layer's sub-experts and the ones the later layers selected on the previous token (their
     best guess): one price per plan, the sub-experts of this layer worth less than it are
     dropped, the layer's most valuable one never. Nothing is dropped while everything fits.
+
+    The deadline planned for is the budget less a slack: a stochastic quantile tracker that
+    grows on each token that missed and shrinks on each that met it, so that about MISS_RATE
+    of tokens miss whatever the spread of the cost model's errors (without it the plans aim
+    at the budget itself and half the tokens land above it). It starts at 0, so a budget
+    that is never missed never drops anything.
+
+    Per-layer bookkeeping is plain Python and numpy: torch's per-op dispatch on these
+    [P]-sized vectors cost more than the sub-experts the plan saved on a small model.
     """
 
     def __init__(self, model, store, cost: CostModel, *, budget_s: float):
@@ -225,9 +247,11 @@ class LatencyPlanner:
         self.fit = OnlineCost(cost.layer_fixed_s, cost.unit_s, cost.unit_s + cost.load_s(nbytes, 1))
         self.head_s = cost.head_s + cost.layer_fixed_s  # the last segment: FFN call overheads + head
         self.host_unit_s = cost.host_unit_s
+        self.slack_s = 0.0
         self._t0 = time.perf_counter()
         self._last: tuple[float, int, int] | None = None  # (time of the last plan, ready kept, missing kept)
-        self._seen: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.L  # per layer: (density, cost)
+        # per layer, from the previous token: (density, cost, cost sum) of its selection
+        self._seen: list[tuple[np.ndarray, np.ndarray, float] | None] = [None] * self.L
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -243,29 +267,37 @@ class LatencyPlanner:
         self.tokens += 1
 
     def end_token(self) -> None:
-        """The token's logits are computed: the last segment (FFN of the last layer, head)."""
+        """The token's logits are computed: the last segment (FFN of the last layer, head)
+        is learnt, and the slack follows whether the token met the budget."""
+        now = time.perf_counter()
         if self._last is not None:
             t, n_ready, n_missing = self._last
-            spent = time.perf_counter() - t
-            rest = spent - (self.fit.predict(n_ready, n_missing) - self.fit.fixed_s)
+            rest = (now - t) - (self.fit.predict(n_ready, n_missing) - self.fit.fixed_s)
             self.head_s = 0.8 * self.head_s + 0.2 * max(rest, 0.0)
             self._last = None
+        step = SLACK_STEP * self.budget_s
+        if now - self._t0 > self.budget_s:
+            self.slack_s += step
+        else:
+            self.slack_s -= step * MISS_RATE / (1 - MISS_RATE)
+        self.slack_s = min(max(self.slack_s, 0.0), 0.5 * self.budget_s)
 
-    def values(self, layer: int, x: torch.Tensor, units: torch.Tensor, wt: torch.Tensor,
-               topi: torch.Tensor) -> torch.Tensor:
-        """Value of each selected unit [P]: router weight x its share of the expert's predicted
-        mass (sub-expert gate scores, clamped at 0); without scores, a hottest-first rank."""
+    def values(self, layer: int, x: torch.Tensor, ids: np.ndarray, wt: torch.Tensor,
+               topi: torch.Tensor) -> np.ndarray:
+        """Value of each selected unit [P] (``ids``: their unit numbers): router weight x its
+        share of the expert's predicted mass (sub-expert gate scores, clamped at 0); without
+        scores, a hottest-first rank."""
         S = self.model.parts[layer]
-        part = units % S
-        weight = wt[:, 0].float().cpu()
+        part = ids % S
+        weight = wt[:, 0].double().cpu().numpy()
         scores = self.model.part_scores(layer, x, topi)  # [1, k, S] or None
         if scores is None:
-            return weight * (1.0 - part.float() / (2 * S))
-        mass = scores[0].float().clamp_min(0).cpu()  # [k, S]
-        share = mass / mass.sum(-1, keepdim=True).clamp_min(1e-12)  # [k, S]
-        expert_row = {int(e): j for j, e in enumerate(topi[0].tolist())}
-        rows = torch.tensor([expert_row[int(u) // S] for u in units.tolist()])
-        return weight * (share[rows, part] + 1e-6)  # a tiny floor keeps zero-mass parts ordered
+            return weight * (1.0 - part / (2 * S))
+        mass = scores[0].double().clamp_min(0).cpu().numpy()  # [k, S]
+        share = mass / np.maximum(mass.sum(-1, keepdims=True), 1e-12)  # [k, S]
+        experts = topi[0].cpu().numpy()  # [k], the routed experts in rank order
+        rows = (ids // S)[:, None] == experts[None, :]  # [P, k]: which rank each unit's expert has
+        return weight * (share[rows.argmax(1), part] + 1e-6)  # a tiny floor keeps zero-mass parts ordered
 
     def plan(self, layer: int, x: torch.Tensor, units: torch.Tensor, wt: torch.Tensor,
              topi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -280,35 +312,44 @@ class LatencyPlanner:
         if self._last is not None:  # the segment since the last plan is measured: learn from it
             t, n_ready, n_missing = self._last
             fit.observe(n_ready, n_missing, now - t)
-        P = units.shape[0]
-        ready = torch.tensor([self.store.ready(layer, int(u)) for u in units.tolist()])
+        ids = units.numpy()
+        P = ids.shape[0]
+        ready = np.fromiter((self.store.ready(layer, u) for u in ids.tolist()), dtype=bool, count=P)
         host_ok = self.host_unit_s is not None and hasattr(self.store, "host_blocks")
         missing_cost = min(fit.missing_s, self.host_unit_s) if host_ok else fit.missing_s
-        cost = torch.where(ready, torch.tensor(fit.ready_s), torch.tensor(missing_cost)).double()  # [P]
-        value = self.values(layer, x, units, wt, topi).double()  # [P]
+        cost = np.where(ready, fit.ready_s, missing_cost)  # [P]
+        value = self.values(layer, x, ids, wt, topi)  # [P]
         density = value / cost
-        left = self.budget_s - (now - self._t0) - self.head_s - (self.L - 1 - layer) * fit.fixed_s
+        left = (self.budget_s - self.slack_s - (now - self._t0) - self.head_s
+                - (self.L - 1 - layer) * fit.fixed_s)
         later = [s for s in self._seen[layer + 1:] if s is not None]
-        demand = float(cost.sum()) + sum(float(c.sum()) for _, c in later)
-        self._seen[layer] = (density, cost)
+        total = float(cost.sum())
+        demand = total + sum(c for _, _, c in later)
+        self._seen[layer] = (density, cost, total)
         if demand <= left:
-            keep = torch.ones(P, dtype=torch.bool)
+            keep = np.ones(P, dtype=bool)
         else:
             # The price: walk every known sub-expert by value per second until the time runs out.
-            dens = torch.cat([density] + [d for d, _ in later])
-            costs = torch.cat([cost] + [c for _, c in later])
-            order = torch.argsort(dens, descending=True)
-            fits = torch.cumsum(costs[order], 0) <= max(left, 0.0)
-            price = float(dens[order][fits][-1]) if bool(fits.any()) else float("inf")
+            dens = np.concatenate([density] + [d for d, _, _ in later])
+            costs = np.concatenate([cost] + [c for _, c, _ in later])
+            order = np.argsort(-dens, kind="stable")
+            fits = np.cumsum(costs[order]) <= max(left, 0.0)
+            price = float(dens[order][fits][-1]) if fits.any() else float("inf")
             keep = density >= price
-            keep[int(torch.argmax(value))] = True  # the floor: the layer's most valuable sub-expert
-        to_host = keep & ~ready & torch.tensor(host_ok and self.host_unit_s < fit.missing_s)
+            keep[int(np.argmax(value))] = True  # the floor: the layer's most valuable sub-expert
+        to_host = keep & ~ready if host_ok and self.host_unit_s < fit.missing_s else np.zeros(P, dtype=bool)
         on_device = keep & ~to_host
-        self.dropped += int(P - int(keep.sum()))
-        self.host_computed += int(to_host.sum())
-        self._last = (now, int((on_device & ready).sum()), int((on_device & ~ready).sum()))
-        dev, hst = on_device.nonzero().squeeze(1), to_host.nonzero().squeeze(1)
-        return units[dev], wt[dev], units[hst], wt[hst]
+        n_keep, n_host = int(keep.sum()), int(to_host.sum())
+        self.dropped += P - n_keep
+        self.host_computed += n_host
+        n_ready_kept = int((on_device & ready).sum())
+        self._last = (now, n_ready_kept, n_keep - n_host - n_ready_kept)
+        none = units[:0]
+        if n_keep == P and n_host == 0:  # everything fits: no indexing
+            return units, wt, none, wt[:0]
+        dev = torch.from_numpy(np.flatnonzero(on_device))
+        hst = torch.from_numpy(np.flatnonzero(to_host))
+        return units[dev], wt[dev.to(wt.device)], units[hst], wt[hst.to(wt.device)]
 
     def report(self, latencies_s: list[float]) -> dict:
         """Drop counters, the share of decode tokens within the budget and the fitted costs."""
@@ -322,4 +363,5 @@ class LatencyPlanner:
             "cost_fixed_ms": self.fit.fixed_s * 1000,
             "cost_resident_ms": self.fit.ready_s * 1000,
             "cost_missing_ms": self.fit.missing_s * 1000,
+            "slack_ms": self.slack_s * 1000,
         }
