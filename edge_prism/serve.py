@@ -969,7 +969,7 @@ def _interrupt(signum: int, frame) -> None:
 # -- the CLI ----------------------------------------------------------------------------------
 def add_serve_parser(subparsers) -> Callable[[argparse.Namespace], int]:
     """Add the ``serve`` subcommand to ``subparsers``; returns its handler."""
-    from edge_prism.cli import add_model_args, add_runtime_args
+    from edge_prism.cliargs import add_model_args, add_runtime_args
 
     p = subparsers.add_parser(
         "serve", help="serve a model over the OpenAI HTTP API (chat/completions, completions, models)",
@@ -992,7 +992,7 @@ def add_serve_parser(subparsers) -> Callable[[argparse.Namespace], int]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load the model (building the default prism on first use) and serve it until Ctrl-C."""
-    from edge_prism.cli import load_engine
+    from edge_prism.cliargs import load_engine
 
     _asgi_stack()  # a missing extra, a bad flag or a busy port fail before minutes of loading
     cfg = ServeConfig(host=args.host, port=args.port, queue_size=args.queue_size, access_log=args.verbose)

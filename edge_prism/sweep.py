@@ -798,7 +798,7 @@ def _points(text: str | None) -> tuple[int, ...] | None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The sweep's options (shared by `edge-prism sweep` and scripts/sweep.py)."""
-    from edge_prism.cli import add_model_args
+    from edge_prism.cliargs import add_model_args
 
     add_model_args(p, positional=True)
     p.add_argument("--memory-budgets", default="10%,25%,50%,100%",

@@ -2,9 +2,10 @@
 
 per decode token: start_token() -> per layer: measure the last segment (OnlineCost learns
 fixed + per-resident + per-missing time) -> values and costs of this layer's sub-experts
--> the time left, less the fixed cost of the layers to come -> one price (value per
-second) over this layer's and the later layers' sub-experts -> drop what is worth less
-here (never the layer's most valuable one) -> end_token() learns the head's time.
+-> the time left (less a miss-rate slack), less the fixed cost of the layers to come ->
+this layer's even share of it against what this and the later layers want -> keep its
+most valuable sub-experts that fit (never fewer than its most valuable one) ->
+end_token() learns the head's time and the slack.
 
 Without a budget the planner is not installed and nothing is dropped.
 
@@ -225,10 +226,10 @@ class LatencyPlanner:
     At each layer, every sub-expert it selected has a value (its expert's router weight x
     its share of the expert's predicted activation mass, from the sub-expert gate) and a
     cost (OnlineCost: resident or missing). The time left to the deadline, less the fixed
-    cost of the layers to come and the head, is shared out by value per second over this
-    layer's sub-experts and the ones the later layers selected on the previous token (their
-    best guess): one price per plan, the sub-experts of this layer worth less than it are
-    dropped, the layer's most valuable one never. Nothing is dropped while everything fits.
+    cost of the layers to come and the head, is shared between this layer and the later
+    ones in proportion to what they want (the later layers' selections of the previous token
+    are the best guess of theirs); this layer keeps its most valuable sub-experts that fit
+    in its share, the most valuable one always. Nothing is dropped while everything fits.
 
     The deadline planned for is the budget less a slack: a stochastic quantile tracker that
     grows on each token that missed and shrinks on each that met it, so that about MISS_RATE
@@ -250,8 +251,8 @@ class LatencyPlanner:
         self.slack_s = 0.0
         self._t0 = time.perf_counter()
         self._last: tuple[float, int, int] | None = None  # (time of the last plan, ready kept, missing kept)
-        # per layer, from the previous token: (density, cost, cost sum) of its selection
-        self._seen: list[tuple[np.ndarray, np.ndarray, float] | None] = [None] * self.L
+        # per layer, from the previous token: the time its selection wanted
+        self._seen: list[float | None] = [None] * self.L
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -305,7 +306,7 @@ class LatencyPlanner:
 
         Returns (device units, their weights, host units, their weights): a missing sub-expert
         is computed on the host from host memory instead of waiting for its copy when that is
-        cheaper (CUDA); the rest that are worth less than the plan's price are dropped.
+        cheaper (CUDA); the rest that do not fit in this layer's share of the time left are dropped.
         """
         now = time.perf_counter()
         fit = self.fit
@@ -319,24 +320,34 @@ class LatencyPlanner:
         missing_cost = min(fit.missing_s, self.host_unit_s) if host_ok else fit.missing_s
         cost = np.where(ready, fit.ready_s, missing_cost)  # [P]
         value = self.values(layer, x, ids, wt, topi)  # [P]
-        density = value / cost
         left = (self.budget_s - self.slack_s - (now - self._t0) - self.head_s
                 - (self.L - 1 - layer) * fit.fixed_s)
         later = [s for s in self._seen[layer + 1:] if s is not None]
         total = float(cost.sum())
-        demand = total + sum(c for _, _, c in later)
-        self._seen[layer] = (density, cost, total)
+        demand = total + sum(later)
+        self._seen[layer] = total
         if demand <= left:
             keep = np.ones(P, dtype=bool)
         else:
-            # The price: walk every known sub-expert by value per second until the time runs out.
-            dens = np.concatenate([density] + [d for d, _, _ in later])
-            costs = np.concatenate([cost] + [c for _, c, _ in later])
-            order = np.argsort(-dens, kind="stable")
-            fits = np.cumsum(costs[order]) <= max(left, 0.0)
-            price = float(dens[order][fits][-1]) if fits.any() else float("inf")
-            keep = density >= price
-            keep[int(np.argmax(value))] = True  # the floor: the layer's most valuable sub-expert
+            # This layer gets the share of its wanted time that the deadline leaves every layer
+            # still to come, and keeps its most valuable sub-experts, in order, while they fit
+            # (a costly missing one ends the list rather than being passed over for cheaper
+            # resident ones). An even share trims every layer alike, as a lower operating
+            # point does. Measured on the default model (scripts/latency_sweep.py): one price
+            # per second across layers (the cheapest sub-experts anywhere kept first) emptied
+            # some layers; skipping a costly sub-expert for cheaper ones after it kept the
+            # resident set instead of the token's best; both cost more KL per dropped
+            # sub-expert than this.
+            allowed = max(left, 0.0) / demand * total
+            keep = np.zeros(P, dtype=bool)
+            order = np.argsort(-value, kind="stable")
+            keep[order[0]] = True  # the floor: the layer's most valuable sub-expert
+            spent = float(cost[order[0]])
+            for i, c in zip(order[1:].tolist(), cost[order[1:]].tolist()):
+                if spent + c > allowed:
+                    break
+                keep[i] = True
+                spent += c
         to_host = keep & ~ready if host_ok and self.host_unit_s < fit.missing_s else np.zeros(P, dtype=bool)
         on_device = keep & ~to_host
         n_keep, n_host = int(keep.sum()), int(to_host.sum())
