@@ -539,15 +539,11 @@ def _prefetcher(pc, model: Transformer):
 
 
 def _planner(model: Transformer, cfg: RuntimeConfig, *, device: torch.device, dtype: torch.dtype):
-    from edge_prism.runtime.planner import LatencyPlanner, measure_cost_model
+    from edge_prism.runtime.planner import planner_for
 
     if cfg.token_latency_ms <= 0:
         raise ConfigError(f"invalid token latency budget {cfg.token_latency_ms} ms: use a positive number")
-    s = model.spec
-    signature = (f"{s.family}-L{s.num_layers}-D{s.hidden_size}-W{max(f.width for f in s.ffn)}-"
-                 f"S{max(model.parts)}-{str(dtype).removeprefix('torch.')}")
-    cost = measure_cost_model(model, device=device, signature=signature)
-    return LatencyPlanner(model, model.store, cost, budget_s=cfg.token_latency_ms / 1000)
+    return planner_for(model, budget_s=cfg.token_latency_ms / 1000, device=device, dtype=dtype)
 
 
 def _layer_gate(pc, layer: int, kind: str, dtype: torch.dtype, device: torch.device):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -224,6 +225,35 @@ class Engine:
         m.selector = None if k == full else SubExpertSelector(m.spec, m.parts, m.gates, k)
         m.operating_point = k
         self.reset()
+
+    def set_token_latency_ms(self, ms: float | None) -> None:
+        """Decode under a token-latency budget of ``ms`` milliseconds from now on (None: no
+        budget, nothing dropped: exact), without reloading. The first budget of an engine
+        loaded without one measures the device's cost model (cached per device and model
+        shape); a change of budget keeps what the planner has learnt of the costs.
+        """
+        import math
+        from numbers import Real
+
+        from edge_prism.runtime.planner import planner_for
+
+        if ms is not None and (isinstance(ms, bool) or not isinstance(ms, Real) or not math.isfinite(ms)
+                               or ms <= 0):
+            raise ConfigError(f"invalid token latency budget {ms!r} ms: use a positive number of milliseconds")
+        m = self.model
+        if ms is not None and m.operating_point is None:
+            raise ConfigError(f"{self.source}: a token-latency budget needs a prism checkpoint; run `edge-prism "
+                              f"refactor {self.source} --out DIR` and load DIR")
+        if ms is None:
+            m.planner = None
+        elif m.planner is not None:
+            m.planner.budget_s, m.planner.slack_s = ms / 1000, 0.0
+            m.planner.reset_stats()
+        else:
+            m.planner = planner_for(m, budget_s=ms / 1000, device=m.device, dtype=m.dtype)
+        config = getattr(self, "config", None)
+        if config is not None:
+            self.config = dataclasses.replace(config, token_latency_ms=None if ms is None else float(ms))
 
     # -- generation ----------------------------------------------------------------------
     def _check_ids(self, ids: list[int], *, scoring: bool = False) -> None:

@@ -102,6 +102,16 @@ def measure_cost_model(model, *, device: torch.device, signature: str, use_cache
     return cost
 
 
+def planner_for(model, *, budget_s: float, device: torch.device, dtype: torch.dtype) -> "LatencyPlanner":
+    """A LatencyPlanner for ``model`` from its device's cost model (measured once, cached per
+    device and model shape)."""
+    s = model.spec
+    signature = (f"{s.family}-L{s.num_layers}-D{s.hidden_size}-W{max(f.width for f in s.ffn)}-"
+                 f"S{max(model.parts)}-{str(dtype).removeprefix('torch.')}")
+    cost = measure_cost_model(model, device=device, signature=signature)
+    return LatencyPlanner(model, model.store, cost, budget_s=budget_s)
+
+
 def _timed(fn, repeats: int, device: torch.device) -> float:
     fn()
     synchronize(device)

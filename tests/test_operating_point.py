@@ -80,3 +80,33 @@ def test_evaluation_loads_the_prism_once(prism_of, monkeypatch):
     assert len(loads) == 1
     assert sorted(r.operating_point for r in rows) == list(range(1, 17))
     assert 16 in usable["prism"]
+
+
+# -- Engine.set_token_latency_ms ---------------------------------------------------------------
+def test_a_latency_budget_set_after_load_degrades_then_is_lifted(prism_of, min_budget):
+    path = prism_of("olmoe")
+    engine = edge_prism.load(path, memory_budget=min_budget(path))
+    exact = engine.generate_ids(PROMPT, max_new_tokens=8, temperature=0)
+    engine.set_token_latency_ms(1e-3)  # nothing fits: every layer runs its floor
+    assert engine.config.token_latency_ms == 1e-3
+    engine.generate_ids(PROMPT, max_new_tokens=8, temperature=0)
+    tight = engine.stats
+    assert tight["token_latency_budget_ms"] == 1e-3 and tight["dropped_subexperts"] > 0
+    engine.set_token_latency_ms(1e6)  # the planner it made keeps its costs; nothing is dropped
+    assert engine.generate_ids(PROMPT, max_new_tokens=8, temperature=0) == exact
+    assert engine.stats["dropped_subexperts"] == 0 and engine.stats["tokens_within_budget"] == 1.0
+    engine.set_token_latency_ms(None)
+    assert engine.generate_ids(PROMPT, max_new_tokens=8, temperature=0) == exact
+    assert "token_latency_budget_ms" not in engine.stats and engine.config.token_latency_ms is None
+
+
+@pytest.mark.parametrize("bad", [0, -5, float("nan"), float("inf"), True, "50"])
+def test_invalid_latency_budgets_are_refused(prism_of, bad):
+    engine = edge_prism.load(prism_of("olmoe"))
+    with pytest.raises(ConfigError, match="token latency budget"):
+        engine.set_token_latency_ms(bad)
+
+
+def test_a_latency_budget_on_a_plain_checkpoint_names_the_fix(tiny_engines):
+    with pytest.raises(ConfigError, match="refactor"):
+        tiny_engines("llama").set_token_latency_ms(50)

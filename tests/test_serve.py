@@ -388,6 +388,12 @@ def test_operating_point_per_request(prism_server):
     if not hasattr(full, "set_token_latency_ms"):
         with pytest.raises(openai.BadRequestError, match="token-latency budget per request yet"):
             ask(token_latency_ms=50)
+    else:
+        assert ask(token_latency_ms=1e6) == expect_full  # a generous budget drops nothing
+        tight = srv.client().chat.completions.create(model=srv.model, messages=HELLO, max_tokens=8,
+                                                     temperature=0, extra_body={"token_latency_ms": 1e-3})
+        assert tight.choices[0].finish_reason in ("stop", "length")  # degraded, not stalled
+        assert ask() == expect_full  # the next request is back at the loaded budget (none)
 
 
 # -- the command line ---------------------------------------------------------------------------
