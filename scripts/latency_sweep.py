@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("profiles/latency_default_cpu"))
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = DegradeConfig(model=args.model, memory_budget=args.memory_budget or None,
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(f"# Latency budget: dynamic degradation vs fixed operating points\n\n"
                                            f"Command: `python scripts/latency_sweep.py "
-                                           f"{' '.join(argv) if argv else ''}`\n\n{text}")
+                                           f"{' '.join(argv)}`\n\n{text}")
     args.out.with_suffix(".json").write_text(json.dumps([r.as_dict() for r in rows], indent=1))
     plot(rows, args.out.with_suffix(".png"), head[:120])
     return 0
