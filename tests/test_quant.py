@@ -260,3 +260,14 @@ def test_lower_operating_point_reads_fewer_bytes_under_a_budget(quant_prisms):
         engine.generate_ids(ids, max_new_tokens=4, temperature=0)
         read[k] = sum(getattr(kern, "bytes_read", 0) for kern in engine.model.kernels)
     assert read[6] < read[8]
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_quantize_measured_is_quantize_with_its_error_in_row_chunks(kind):
+    from edge_prism.quant import QMatrix, relative_error
+
+    w = torch.randn(300, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    whole = QMatrix.quantize(w.float(), kind, 32)
+    q, err = QMatrix.quantize_measured(w, kind, 32, chunk_rows=128)  # 3 chunks, the last partial
+    assert torch.equal(q.codes, whole.codes) and torch.equal(q.sz, whole.sz) and q.rows == 300
+    assert err == pytest.approx(relative_error(whole.dequantize(), w.float()), rel=1e-3)

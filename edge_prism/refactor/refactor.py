@@ -419,9 +419,8 @@ def _dense_tensors(spec: ModelSpec, raw, qreader: TensorReader, names: list[str]
             if name in ("model.embed_tokens.weight", "lm_head.weight"):
                 kind = "int8"
             if shape[1] % cfg.group_size == 0 and not hasattr(raw.tensors, "quantized"):
-                w = raw.tensors.get(name).float()
-                q = QMatrix.quantize(w, kind, cfg.group_size)
-                errors.setdefault("dense", []).append(relative_error(q.dequantize(), w))
+                q, err = QMatrix.quantize_measured(raw.tensors.get(name), kind, cfg.group_size)
+                errors.setdefault("dense", []).append(err)
         if q is not None:
             out.update(qmatrix_tensors(name, q))
         else:
