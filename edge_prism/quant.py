@@ -215,8 +215,8 @@ class QMatrix:
         for i in range(0, w.shape[0], chunk_rows):
             part = w[i:i + chunk_rows].float()
             q = cls.quantize(part, kind, group, chunk_rows=chunk_rows)
-            num += float((q.dequantize().float() - part).square().sum())
-            den += float(part.square().sum())
+            num += float((q.dequantize().double() - part.double()).square().sum())
+            den += float(part.double().square().sum())
             chunks.append(q)
         q = chunks[0] if len(chunks) == 1 else cls._join_row_chunks(chunks)
         return q, (num ** 0.5 / den ** 0.5 if den > 0 else 0.0)

@@ -24,7 +24,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
-from edge_prism.quant import QMatrix, relative_error
+from edge_prism.quant import QMatrix
 
 FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16, T.F64})
 EXACT_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_1, T.Q8_0})
@@ -89,8 +89,7 @@ def to_qmatrix(data: np.ndarray, qtype: T, shape: tuple[int, int]) -> tuple[QMat
         return qm, 0.0
     w = torch.from_numpy(np.asarray(quants.dequantize(data, qtype), dtype=np.float32).reshape(rows, cols))
     kind = "int8" if qtype in _WIDE else "int4"
-    qm = QMatrix.quantize(w, kind)
-    return qm, relative_error(qm.dequantize(), w)
+    return QMatrix.quantize_measured(w, kind)  # a vocabulary-sized matrix: measured per row chunk
 
 
 def dequantized(data: np.ndarray, qtype: T, shape: tuple[int, ...]) -> torch.Tensor:
