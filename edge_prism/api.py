@@ -43,18 +43,16 @@ class RuntimeConfig:
     host_tier: str = "auto"  # under a budget, sub-experts outside it: 'ram' (pinned), 'disk' or 'auto'
 
     def __post_init__(self) -> None:
-        import math
-        from numbers import Integral, Real
+        from numbers import Integral
 
+        from edge_prism.runtime.planner import check_budget_ms
         from edge_prism.runtime.policy import POLICIES
 
         k, ms, budget = self.operating_point, self.token_latency_ms, self.memory_budget
         if k is not None and (isinstance(k, bool) or not isinstance(k, Integral) or k < 1):
             raise ConfigError(f"invalid operating point {k!r}: use a whole number of active sub-experts "
                               "per token per layer, 1 or more")
-        if ms is not None and (isinstance(ms, bool) or not isinstance(ms, Real) or not math.isfinite(ms)
-                               or ms <= 0):
-            raise ConfigError(f"invalid token latency budget {ms!r} ms: use a positive number of milliseconds")
+        check_budget_ms(ms)
         if self.policy not in POLICIES:
             raise ConfigError(f"invalid residency policy {self.policy!r}: use one of {', '.join(POLICIES)}")
         if self.host_tier not in ("auto", "ram", "disk"):

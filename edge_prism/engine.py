@@ -232,14 +232,9 @@ class Engine:
         loaded without one measures the device's cost model (cached per device and model
         shape); a change of budget keeps what the planner has learnt of the costs.
         """
-        import math
-        from numbers import Real
+        from edge_prism.runtime.planner import check_budget_ms, planner_for
 
-        from edge_prism.runtime.planner import planner_for
-
-        if ms is not None and (isinstance(ms, bool) or not isinstance(ms, Real) or not math.isfinite(ms)
-                               or ms <= 0):
-            raise ConfigError(f"invalid token latency budget {ms!r} ms: use a positive number of milliseconds")
+        check_budget_ms(ms)
         m = self.model
         if ms is not None and m.operating_point is None:
             raise ConfigError(f"{self.source}: a token-latency budget needs a prism checkpoint; run `edge-prism "

@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
+from numbers import Real
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from edge_prism.errors import ConfigError
 from edge_prism.kernels import block_ffn
 
 from .device import device_name as _device_name
@@ -100,6 +103,14 @@ def measure_cost_model(model, *, device: torch.device, signature: str, use_cache
     except OSError as e:
         logger.info("cannot cache the cost model in %s: %s", path, e)
     return cost
+
+
+def check_budget_ms(ms) -> None:
+    """A ConfigError unless ``ms`` is a token-latency budget: a finite number of milliseconds > 0
+    (None, no budget, passes)."""
+    if ms is not None and (isinstance(ms, bool) or not isinstance(ms, Real) or not math.isfinite(ms)
+                           or ms <= 0):
+        raise ConfigError(f"invalid token latency budget {ms!r} ms: use a positive number of milliseconds")
 
 
 def planner_for(model, *, budget_s: float, device: torch.device, dtype: torch.dtype) -> "LatencyPlanner":
