@@ -13,8 +13,10 @@ import torch
 from edge_prism.errors import BudgetError
 from edge_prism.runtime.store import BudgetedStore, LayerBlocks
 from edge_prism.runtime.transfer import MemoryTier
-from edge_prism.sweep import (COLUMNS, ExpertLRUStore, SubExpertLRUStore, format_table, main, plot, read_csv,
-                              run_sweep, write_csv)
+from edge_prism.sweep import main, run_sweep
+from edge_prism.sweep_baselines import ExpertLRUStore, SubExpertLRUStore
+from edge_prism.sweep_config import COLUMNS
+from edge_prism.sweep_report import format_table, plot, read_csv, write_csv
 from edge_prism.synthetic import SyntheticConfig
 
 TINY = dict(model_type="olmoe", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
