@@ -16,7 +16,6 @@ budgeted store pins by follows the same law.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -24,14 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from edge_prism.api import RuntimeConfig, resolve_budget
 from edge_prism.build import ResidentStore
 from edge_prism.engine import Engine
 from edge_prism.errors import BudgetError, ConfigError
 from edge_prism.families import build_spec
 from edge_prism.kernels import FloatEmbedding, FloatLinear, FloatUnits
 from edge_prism.model import LayerWeights, Transformer, Weights, tied_head, transposed
+from edge_prism.prefetch import Predictor, Prefetcher
+from edge_prism.runtime.device import pinned_empty, resolve_device
+from edge_prism.runtime.sizes import format_size
+from edge_prism.runtime.store import BudgetedStore, LayerBlocks, minimum_budget
+from edge_prism.runtime.transfer import MemoryTier
+from edge_prism.select import LayerGate, SubExpertSelector, check_operating_point, max_operating_point, quotas
 from edge_prism.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -119,31 +124,6 @@ def synthetic_parts(spec: ModelSpec, sub_experts: int | None) -> list[int]:
     return out
 
 
-class _BiasedRouting(Transformer):
-    """A Transformer whose routers add a per-expert bias (the routing skew).
-
-    Needed only until model.LayerWeights gains ``router_bias``; with it, the plain
-    Transformer is used and this class is not.
-    """
-
-    router_bias: list[torch.Tensor | None]
-
-    def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router weights and experts of each token, with the layer's bias: topv, topi [T, k]."""
-        f, lw, bias = self.spec.ffn[layer], self.w.layers[layer], self.router_bias[layer]
-        if bias is None or not f.routed:
-            return super().route(layer, x)
-        logits = F.linear(x, lw.router, bias)  # [T, E]
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
-        topv, topi = torch.topk(probs, min(f.top_k, self.route_top_k or f.top_k), dim=-1)  # [T, k]
-        if f.norm_topk_prob:
-            topv = topv / topv.sum(dim=-1, keepdim=True)
-        return topv.to(x.dtype), topi
-
-
-_HAS_ROUTER_BIAS = "router_bias" in {f.name for f in dataclasses.fields(LayerWeights)}
-
-
 class SyntheticModel:
     """One synthetic model's weights, shared by every engine (store, budget, K) built over it.
 
@@ -153,8 +133,6 @@ class SyntheticModel:
     """
 
     def __init__(self, cfg: SyntheticConfig, *, device: torch.device):
-        from edge_prism.api import RuntimeConfig
-
         self.cfg, self.device = cfg, torch.device(device)
         self.dtype = RuntimeConfig(dtype=cfg.dtype).torch_dtype(self.device)
         where = f"synthetic model '{cfg.model}'"
@@ -163,7 +141,6 @@ class SyntheticModel:
         self.name = cfg.name
         self.source = Path(f"synthetic:{self.name}")
         self.weights = self._resident_weights()
-        self.router_bias = [self._bias(f) for f in self.spec.ffn]
         self.frequency = [self._frequency(f, s) for f, s in zip(self.spec.ffn, self.parts)]
         self._host: dict[tuple, torch.Tensor] = {}  # block shape -> [units of its layers, 3, n, D]
         self._host_start: dict[int, int] = {}  # layer -> first block index in its shape's tensor
@@ -180,18 +157,11 @@ class SyntheticModel:
 
     def full_operating_point(self) -> int:
         """Full K (every sub-expert of the routed experts: the exact model)."""
-        from edge_prism.select import max_operating_point
-
         return max_operating_point(self.spec, self.parts)
 
-    def expert_bytes(self) -> int:
-        """Bytes of every sub-expert block (what a '100%' budget holds)."""
-        return sum(self.units(layer) * math.prod(self.block_shape(layer)) * self.dtype.itemsize
-                   for layer in range(self.spec.num_layers))
-
     # -- weights -----------------------------------------------------------------------------
-    def _randn(self, gen: torch.Generator, *shape: int, device: torch.device | None = None) -> torch.Tensor:
-        t = torch.empty(shape, device=device or self.device, dtype=self.dtype)
+    def _randn(self, gen: torch.Generator, *shape: int) -> torch.Tensor:
+        t = torch.empty(shape, device=self.device, dtype=self.dtype)
         return t.normal_(0.0, STD, generator=gen)
 
     def _resident_weights(self) -> Weights:
@@ -210,22 +180,24 @@ class SyntheticModel:
         norm_width = {"none": None, "head": (hd, hd), "full": (H * hd, Hk * hd)}[s.qk_norm]
         layers = []
         for f in s.ffn:
-            lw = LayerWeights(
+            Ws = f.shared_width
+            # Keyword arguments are evaluated in order: the generator's draws follow this order.
+            layers.append(LayerWeights(
                 attn_norm=ones(D), ffn_norm=ones(D),
                 wqkv=FloatLinear(transposed(self._randn(gen, (H + 2 * Hk) * hd, D))),
                 bqkv=self._randn(gen, (H + 2 * Hk) * hd) if s.attention_bias else None,
                 wo=FloatLinear(transposed(self._randn(gen, D, H * hd))),
                 q_norm=ones(norm_width[0]) if norm_width else None,
                 k_norm=ones(norm_width[1]) if norm_width else None,
-                router=self._randn(gen, f.num_experts, D) if f.routed else None)
-            if f.shared_width:
-                lw.shared_gu = FloatLinear(transposed(self._randn(gen, 2 * f.shared_width, D)))
-                lw.shared_down = FloatLinear(transposed(self._randn(gen, D, f.shared_width)))
-                lw.shared_gate = self._randn(gen, 1, D)
-            layers.append(lw)
+                router=self._randn(gen, f.num_experts, D) if f.routed else None,
+                router_bias=self._bias(f),  # the routing skew
+                shared_gu=FloatLinear(transposed(self._randn(gen, 2 * Ws, D))) if Ws else None,
+                shared_down=FloatLinear(transposed(self._randn(gen, D, Ws))) if Ws else None,
+                shared_gate=self._randn(gen, 1, D) if Ws else None))
         return Weights(embed=embed, norm=ones(D), lm_head=lm_head, layers=layers)
 
     def _bias(self, f) -> torch.Tensor | None:
+        # Router bias -skew * ln(1 + e): expert e's routing probability scaled by (1 + e) ** -skew.
         if not f.routed or self.cfg.skew == 0:
             return None
         rank = torch.arange(f.num_experts, dtype=torch.float32)
@@ -247,8 +219,6 @@ class SyntheticModel:
         return self._host[shape][start:start + self.units(layer)]
 
     def _make_host(self, shape: tuple) -> None:
-        from edge_prism.runtime.device import pinned_empty
-
         layers = [layer for layer in range(self.spec.num_layers) if self.block_shape(layer) == shape]
         total = sum(self.units(layer) for layer in layers)
         full = (total, *shape)
@@ -265,8 +235,6 @@ class SyntheticModel:
 
     def gates(self) -> list:
         """Random linear sub-expert gates (for K below full; full K needs none)."""
-        from edge_prism.select import LayerGate
-
         if self._gates is None:
             gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 7)
             self._gates = [LayerGate("linear", self._randn(gen, f.num_experts, self.spec.hidden_size, s),
@@ -275,11 +243,8 @@ class SyntheticModel:
         return self._gates
 
     # -- stores ------------------------------------------------------------------------------
-    def layer_blocks(self, k: int) -> list:
+    def layer_blocks(self, k: int) -> list[LayerBlocks]:
         """LayerBlocks of every layer at operating point ``k`` (offsets: block index * bytes)."""
-        from edge_prism.runtime.store import LayerBlocks
-        from edge_prism.select import quotas
-
         out, start = [], {}
         for layer, (f, S) in enumerate(zip(self.spec.ffn, self.parts)):
             shape = self.block_shape(layer)
@@ -297,8 +262,6 @@ class SyntheticModel:
 
     def tiers(self):
         """A TierFactory of host MemoryTiers over the synthetic blocks (pinned on CUDA)."""
-        from edge_prism.runtime.transfer import MemoryTier
-
         def make(group: list, offsets: list[int], nbytes: int) -> MemoryTier:
             shape = self.block_shape(group[0].layer)
             for lb in group:
@@ -319,16 +282,11 @@ class SyntheticModel:
 
     def budget_bytes(self, memory_budget: str | int, k: int) -> int:
         """Bytes a ``memory_budget`` ('25%', '512MiB', a count, 'auto') stands for here."""
-        from edge_prism.api import resolve_budget
-
         return resolve_budget(memory_budget, self.layer_blocks(k), device=self.device,
                               resident_bytes=self.weights.nbytes())
 
-    def budgeted_store(self, memory_budget: str | int, k: int, *, policy: str = "lru", store_class=None):
-        """A BudgetedStore (or ``store_class``, a subclass) holding ``memory_budget`` of blocks."""
-        from edge_prism.runtime.sizes import format_size
-        from edge_prism.runtime.store import BudgetedStore, minimum_budget
-
+    def budgeted_store(self, memory_budget: str | int, k: int, *, policy: str = "lru") -> BudgetedStore:
+        """A BudgetedStore holding ``memory_budget`` of blocks."""
         layers = self.layer_blocks(k)
         nbytes = self.budget_bytes(memory_budget, k)
         m = minimum_budget(layers)
@@ -336,8 +294,7 @@ class SyntheticModel:
             raise BudgetError(f"memory budget '{memory_budget}' is {format_size(nbytes)}, below what one "
                               f"layer's largest selection needs: minimum is {format_size(m)} ({m} bytes); "
                               "raise --memory-budget or lower --operating-point")
-        cls = store_class or BudgetedStore
-        return cls(self.tiers(), layers, budget_bytes=nbytes, device=self.device, policy=policy)
+        return BudgetedStore(self.tiers(), layers, budget_bytes=nbytes, device=self.device, policy=policy)
 
     # -- engines -----------------------------------------------------------------------------
     def engine(self, store, *, operating_point: int | None = None, prefetch: bool = False) -> Engine:
@@ -346,25 +303,15 @@ class SyntheticModel:
         ``prefetch`` (a budgeted store only): the activation-predictor prefetcher, without
         the fitted drift corrections a prism checkpoint carries.
         """
-        from edge_prism.select import SubExpertSelector, check_operating_point
-
         full = self.full_operating_point()
         k = check_operating_point(operating_point or full, self.spec, self.parts)
         kw = dict(parts=self.parts, kernels=[FloatUnits() for _ in self.parts], dtype=self.dtype,
                   device=self.device)
-        if _HAS_ROUTER_BIAS:
-            for lw, bias in zip(self.weights.layers, self.router_bias):
-                lw.router_bias = bias
-            model = Transformer(self.spec, self.weights, store, **kw)
-        else:
-            model = _BiasedRouting(self.spec, self.weights, store, **kw)
-            model.router_bias = self.router_bias
+        model = Transformer(self.spec, self.weights, store, **kw)
         if k != full:
             model.selector = SubExpertSelector(self.spec, self.parts, self.gates(), k)
         model.operating_point = k
         if prefetch and hasattr(store, "prefetch"):
-            from edge_prism.prefetch import Predictor, Prefetcher
-
             model.prefetcher = Prefetcher(Predictor(model), store)
         # Every figure from a synthetic engine must say so.
         return Engine(model, None, source=self.source, max_context=self.spec.max_position, synthetic=True)
@@ -384,8 +331,6 @@ def build_synthetic(name_or_config: str | Path, *, device: str = "auto", dtype: 
     The engine has no tokenizer: drive it with token ids (generate_ids, logits). Its
     ``synthetic`` attribute is True.
     """
-    from edge_prism.runtime.device import resolve_device
-
     cfg = SyntheticConfig(model=str(name_or_config), layers=layers, sub_experts=sub_experts, skew=skew,
                           seed=seed, dtype=dtype)
     sm = SyntheticModel(cfg, device=resolve_device(device))
