@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class CostModel:
-    """Measured costs on one device for one model shape."""
+    """Measured costs on one device for one model shape (the online fit's start)."""
 
     device: str
     h2d_bytes_per_s: float
@@ -49,17 +49,43 @@ class CostModel:
     unit_s: float  # compute time per selected sub-expert (decode)
     layer_fixed_s: float  # attention, norms, router: per layer per decode token
     head_s: float  # final norm and lm_head per token
+    # Loads at once when the planner is not told its transfer engine's lanes (LatencyPlanner's
+    # load_lanes): kept for profiles cached before it was.
     workers: int = 2
-    # CUDA: time to compute one sub-expert on the host CPU from host memory (None: never)
+    # CUDA: time to compute one sub-expert on the host CPU from a float block in host memory
+    # (None: never). Measured profiles also give what comes before it; a hand-made one without
+    # them counts everything in host_unit_s.
     host_unit_s: float | None = None
+    host_read_s: float | None = None  # one block out of the host tier: pread (file) or memcpy (RAM), with the tier's conversion
+    host_convert_s: float | None = None  # one block into float32 for the host FFN (none for float32 blocks)
+    d2h_s: float | None = None  # x's copy to the host (None: copy_overhead_s)
+    h2d_result_s: float | None = None  # the host result's copy back (None: copy_overhead_s)
 
-    def load_s(self, nbytes: int, count: int) -> float:
-        """Time until ``count`` loads of ``nbytes`` each have arrived (queued on workers)."""
+    def load_s(self, nbytes: int, count: int, lanes: int | None = None) -> float:
+        """Time until ``count`` loads of ``nbytes`` each have arrived, ``lanes`` at a time (one
+        FIFO copy stream: 1; None: ``workers``)."""
         if count <= 0:
             return 0.0
         per = self.copy_overhead_s + nbytes / self.h2d_bytes_per_s
-        waves = -(-count // max(self.workers, 1))
+        waves = -(-count // max(self.workers if lanes is None else lanes, 1))
         return waves * per
+
+    @property
+    def host_s(self) -> float | None:
+        """One sub-expert on the host: read + convert + FFN (None: no host path)."""
+        if self.host_unit_s is None:
+            return None
+        return self.host_unit_s + (self.host_read_s or 0.0) + (self.host_convert_s or 0.0)
+
+    @property
+    def d2h(self) -> float:
+        """Seconds of x's copy to the host."""
+        return self.copy_overhead_s if self.d2h_s is None else self.d2h_s
+
+    @property
+    def h2d_result(self) -> float:
+        """Seconds of the host result's copy back to the device."""
+        return self.copy_overhead_s if self.h2d_result_s is None else self.h2d_result_s
 
 
 def device_name(device: torch.device) -> str:
@@ -113,14 +139,43 @@ def check_budget_ms(ms) -> None:
         raise ConfigError(f"invalid token latency budget {ms!r} ms: use a positive number of milliseconds")
 
 
+def transfer_lanes(store) -> int | None:
+    """How many missing sub-experts ``store``'s transfer engine loads at once (the fewest over
+    its slot pools); None when it has none (everything resident) or does not say.
+
+    An asynchronous device (CUDA): 1. Every demand copy runs on the one demand copy stream,
+    first in first out, whether issued straight from a RAM tier (the direct path) or by a
+    worker after its pread into pinned staging (whose reads overlap the copies: a per-miss
+    time the one-lane fit learns). The CPU: the worker count, each worker reading a block
+    straight into its slot.
+
+    A store's ``load_lanes()`` is asked first; else a BudgetedStore's transferers (their
+    ``lanes``, else whether they are asynchronous and how many worker threads they run).
+    """
+    own = getattr(store, "load_lanes", None)
+    if callable(own):
+        n = own()
+        return None if n is None else max(int(n), 1)
+    lanes = []
+    for p in getattr(store, "_pools", {}).values():
+        t = getattr(p, "transfer", None)
+        if t is None:
+            continue
+        n = getattr(t, "lanes", None)
+        if n is None:
+            n = 1 if getattr(t, "_async", False) else len(getattr(t, "_threads", ()))
+        lanes.append(max(int(n), 1))
+    return min(lanes) if lanes else None
+
+
 def planner_for(model, *, budget_s: float, device: torch.device, dtype: torch.dtype) -> "LatencyPlanner":
     """A LatencyPlanner for ``model`` from its device's cost model (measured once, cached per
-    device and model shape)."""
+    device and model shape) and its store's transfer lanes."""
     s = model.spec
     signature = (f"{s.family}-L{s.num_layers}-D{s.hidden_size}-W{max(f.width for f in s.ffn)}-"
                  f"S{max(model.parts)}-{str(dtype).removeprefix('torch.')}")
     cost = measure_cost_model(model, device=device, signature=signature)
-    return LatencyPlanner(model, model.store, cost, budget_s=budget_s)
+    return LatencyPlanner(model, model.store, cost, budget_s=budget_s, load_lanes=transfer_lanes(model.store))
 
 
 def _timed(fn, repeats: int, device: torch.device) -> float:
@@ -174,32 +229,55 @@ def _measure(model, device: torch.device) -> CostModel:
 
 
 class OnlineCost:
-    """The time of a decode layer segment as fixed + per-unit terms, fitted while decoding.
+    """The time of a decode layer segment, from fitted terms refreshed while decoding.
 
     A segment runs from one layer's plan to the next: this layer's FFN over the sub-experts
-    kept (``n_ready`` resident, ``n_missing`` still to load), then the next layer's
-    attention, norms and router. Its time is modelled as
+    kept (``n_ready`` resident, ``n_missing`` still to load on the device, ``n_host``
+    computed on the host CPU instead), then the next layer's attention, norms and router:
 
-        t = fixed + ready_s * n_ready + missing_s * n_missing
+        device = ready_s * (n_ready + n_missing) + load_s * ceil(n_missing / lanes)
+        host   = d2h_s + host_s * n_host                          (0 without host units)
+        t      = fixed + max(device, host) + (h2d_s if n_host else 0)
 
-    and the three terms are fitted by recursive least squares (forgetting old tokens, so the
-    fit follows contention and the page cache), starting from the start-up measurement. One
-    scale over the whole prediction, as before, let the fixed part dominate once the FFN was
-    trimmed and over-dropped; separate terms keep a trimmed layer's prediction right.
+    A missing sub-expert is computed like a resident one once its load has landed, and the
+    loads run ``lanes`` at a time: on a CUDA device every demand copy waits its turn on one
+    FIFO copy stream (lanes = 1, so two misses cost twice one), on the CPU the transfer
+    workers read blocks into slots in parallel. The host side starts with x's copy to the
+    host (queued ahead of the device kernels), then reads, converts and computes each of its
+    blocks; the next layer waits for its result's copy back, which no device work hides.
+
+    The fitted terms stay separate: fixed, ready_s, load_s (``missing_s`` = ready_s +
+    load_s, one miss alone) by recursive least squares over the segments the host took no
+    part in (forgetting old tokens, so the fit follows contention and the page cache), and
+    host_s by a running average over the segments it did, all starting from the start-up
+    measurement. One scale over the whole prediction, as before, let the fixed part dominate
+    once the FFN was trimmed and over-dropped; separate terms keep a trimmed layer's
+    prediction right. The copies d2h_s and h2d_s are measured once, not fitted.
     """
 
-    def __init__(self, fixed_s: float, ready_s: float, missing_s: float, *, forget: float = 0.98):
+    HOST_GAIN = 0.2  # weight of one segment in the running average of host_s
+    HOST_MARGIN = 0.1  # a host-bound segment is this share longer than the device prediction
+
+    def __init__(self, fixed_s: float, ready_s: float, missing_s: float, *, lanes: int = 1,
+                 host_s: float | None = None, d2h_s: float = 0.0, h2d_s: float = 0.0, forget: float = 0.98):
+        if lanes < 1:
+            raise ConfigError(f"invalid number of load lanes {lanes}: use 1 or more")
+        self.lanes = int(lanes)
         # Plain floats: a 3-term fit per layer per token in torch ops cost ~0.1 ms a layer.
-        self.theta = [float(fixed_s), float(ready_s), float(missing_s)]
-        # Prior: each term within about its own size of the start-up measurement, so that a
-        # direction the segments never excite (every sub-expert always kept) stays near it.
-        # In units of the measurement noise (RLS's P is the prior covariance over the noise
-        # variance): a segment varies by a few percent of its time from token to token.
+        self.theta = [float(fixed_s), float(ready_s), float(missing_s) - float(ready_s)]
+        # Prior: each term within about its own size of the start-up measurement (the load
+        # term within a miss's), so that a direction the segments never excite (every
+        # sub-expert always kept) stays near it. In units of the measurement noise (RLS's P
+        # is the prior covariance over the noise variance): a segment varies by a few
+        # percent of its time from token to token.
         noise = max(0.05 * (fixed_s + 8 * ready_s), 1e-6)
-        self.P = [[(max(t, 1e-7) ** 2 / noise**2 if i == j else 0.0) for j in range(3)]
-                  for i, t in enumerate(self.theta)]
+        scale = (fixed_s, ready_s, max(missing_s, ready_s))
+        self.P = [[(max(scale[i], 1e-7) ** 2 / noise**2 if i == j else 0.0) for j in range(3)]
+                  for i in range(3)]
         self._trace0 = sum(self.P[i][i] for i in range(3))
         self.forget = forget
+        self.host_s = None if host_s is None else max(float(host_s), 1e-7)
+        self.d2h_s, self.h2d_s = float(d2h_s), float(h2d_s)
 
     # The fit itself may wander below zero while the data cannot separate the terms (nothing
     # dropped, nothing missing); what is used is never below a microsecond-scale floor.
@@ -212,16 +290,81 @@ class OnlineCost:
         return max(self.theta[1], 1e-7)
 
     @property
+    def load_s(self) -> float:
+        """Seconds one load adds on its lane."""
+        return max(self.theta[2], 0.0)
+
+    @property
     def missing_s(self) -> float:
-        return max(self.theta[2], self.ready_s)
+        """Seconds of one missing sub-expert on its own: its load and its compute."""
+        return self.ready_s + self.load_s
 
-    def predict(self, n_ready: float, n_missing: float) -> float:
+    def waves(self, n_missing):
+        """Loads one lane runs one after another for ``n_missing`` misses (int or int array)."""
+        return -(-n_missing // self.lanes)
+
+    def device_s(self, n_ready, n_missing):
+        """Seconds of this layer's device FFN (without the fixed part): ints or int arrays."""
+        return self.ready_s * (n_ready + n_missing) + self.load_s * self.waves(n_missing)
+
+    def host_side_s(self, n_host: int) -> float:
+        """Seconds of the host side: x's copy to the host, then each unit's read, convert, FFN."""
+        if n_host <= 0:
+            return 0.0
+        if self.host_s is None:
+            raise ValueError("no host path: host_s is None")
+        return self.d2h_s + self.host_s * n_host
+
+    def ffn_s(self, n_ready: int, n_missing: int, n_host: int = 0) -> float:
+        """Seconds of this layer's FFN: max(device, host) + the result's copy back."""
+        if n_host <= 0:
+            return self.device_s(n_ready, n_missing)
+        return max(self.device_s(n_ready, n_missing), self.host_side_s(n_host)) + self.h2d_s
+
+    def predict(self, n_ready: float, n_missing: float, n_host: int = 0) -> float:
         """Seconds of a segment with these kept sub-experts."""
-        return self.fixed_s + self.ready_s * n_ready + self.missing_s * n_missing
+        return self.fixed_s + self.ffn_s(n_ready, n_missing, n_host)
 
-    def observe(self, n_ready: int, n_missing: int, seconds: float) -> None:
-        """One measured segment (recursive least squares with forgetting)."""
-        x = (1.0, float(n_ready), float(n_missing))
+    def prefix_costs(self, ready: np.ndarray, *, host: bool) -> tuple[np.ndarray, np.ndarray]:
+        """FFN seconds [P] of each prefix of units in this order (``ready`` [P] bool: resident
+        and landed), and how many of each prefix's missing units [P] go to the host: the
+        number of the split max(device, host) + copy back is least for (the fewest on a tie).
+        Without ``host`` (or a host path) none go. Non-decreasing in the prefix length."""
+        P = ready.shape[0]
+        n_ready = np.cumsum(ready)  # [P]
+        n_missing = np.arange(1, P + 1) - n_ready  # [P]
+        if not host or self.host_s is None or not n_missing[-1]:
+            return self.device_s(n_ready, n_missing), np.zeros(P, dtype=np.int64)
+        m = np.arange(int(n_missing[-1]) + 1)  # [M]: units sent to the host
+        on_device = n_missing[:, None] - m[None, :]  # [P, M]
+        dev = self.device_s(n_ready[:, None], np.maximum(on_device, 0))  # [P, M]
+        side = np.where(m > 0, self.d2h_s + self.host_s * m, 0.0)  # [M]
+        t = np.maximum(dev, side[None, :]) + np.where(m > 0, self.h2d_s, 0.0)[None, :]  # [P, M]
+        t = np.where(on_device >= 0, t, np.inf)
+        best = t.argmin(1)  # [P]
+        return t[np.arange(P), best], best
+
+    def observe(self, n_ready: int, n_missing: int, seconds: float, n_host: int = 0) -> None:
+        """One measured segment.
+
+        Without host units: recursive least squares with forgetting on the device terms.
+        With them, t - fixed - h2d_s is max(device, host): clearly above the device
+        prediction (by more than HOST_MARGIN of it, the fit's error on a device-bound
+        segment), the host was the longer side and gives a sample of host_s; else the device
+        was, its segment is learnt as one without the host part, and host_s is at most what
+        that leaves it (an estimate above it comes down). A sample taken from a device-bound
+        segment that the device fit slightly under-predicts would be far too large.
+        """
+        if n_host > 0 and self.host_s is not None:
+            span = seconds - self.fixed_s - self.h2d_s  # max(device FFN, host side)
+            per = max((span - self.d2h_s) / n_host, 1e-7)
+            if span > (1 + self.HOST_MARGIN) * self.device_s(n_ready, n_missing):
+                self.host_s += self.HOST_GAIN * (per - self.host_s)
+                return
+            if per < self.host_s:
+                self.host_s += self.HOST_GAIN * (per - self.host_s)
+            seconds -= self.h2d_s
+        x = (1.0, float(n_ready + n_missing), float(self.waves(n_missing)))
         P, theta = self.P, self.theta
         Px = [sum(P[i][j] * x[j] for j in range(3)) for i in range(3)]
         denom = self.forget + sum(x[i] * Px[i] for i in range(3))
@@ -245,8 +388,10 @@ class LatencyPlanner:
     """Trims each decode token's selection to fit ``budget_s`` (a model.Planner).
 
     At each layer, every sub-expert it selected has a value (its expert's router weight x
-    its share of the expert's predicted activation mass, from the sub-expert gate) and a
-    cost (OnlineCost: resident or missing). The time left to the deadline, less the fixed
+    its share of the expert's predicted activation mass, from the sub-expert gate) and the
+    layer a cost (OnlineCost: max(device FFN, host side) + the host result's copy back, the
+    device's missing loads queued on the transfer engine's lanes, the missing units split
+    between device and host where that is least). The time left to the deadline, less the fixed
     cost of the layers to come and the head, is shared between this layer and the later
     ones in proportion to what they want (the later layers' selections of the previous token
     are the best guess of theirs); this layer keeps its most valuable sub-experts that fit
@@ -262,16 +407,28 @@ class LatencyPlanner:
     [P]-sized vectors cost more than the sub-experts the plan saved on a small model.
     """
 
-    def __init__(self, model, store, cost: CostModel, *, budget_s: float):
+    def __init__(self, model, store, cost: CostModel, *, budget_s: float, load_lanes: int | None = None):
+        """``load_lanes``: how many missing sub-experts the store's transfer engine loads at
+        once (see :func:`transfer_lanes`, which planner_for passes); None: what the store's
+        transfer engines say, else ``cost.workers``."""
         self.model, self.store, self.cost, self.budget_s = model, store, cost, budget_s
         self.L = model.spec.num_layers
+        if load_lanes is None:
+            load_lanes = transfer_lanes(store) or cost.workers
+        self.load_lanes = int(load_lanes)
         nbytes = max(store.block_nbytes(layer) for layer in range(self.L))
-        self.fit = OnlineCost(cost.layer_fixed_s, cost.unit_s, cost.unit_s + cost.load_s(nbytes, 1))
+        self.fit = OnlineCost(cost.layer_fixed_s, cost.unit_s, cost.unit_s + cost.load_s(nbytes, 1),
+                              lanes=self.load_lanes, host_s=cost.host_s, d2h_s=cost.d2h, h2d_s=cost.h2d_result)
         self.head_s = cost.head_s + cost.layer_fixed_s  # the last segment: FFN call overheads + head
-        self.host_unit_s = cost.host_unit_s
+        # Layers whose missing sub-experts may run on the host: a host path was measured and
+        # the layer's blocks are float (quantized blocks stay bytes, and the host FFN is float).
+        host = self.fit.host_s is not None and hasattr(store, "host_blocks")
+        pool = getattr(store, "pool", None)
+        self._host_ok = [host and (pool is None or pool(layer).dtype.is_floating_point) for layer in range(self.L)]
         self.slack_s = 0.0
         self._t0 = time.perf_counter()
-        self._last: tuple[float, int, int] | None = None  # (time of the last plan, ready kept, missing kept)
+        # (time of the last plan, ready kept, missing kept on the device, kept on the host)
+        self._last: tuple[float, int, int, int] | None = None
         # per layer, from the previous token: the time its selection wanted
         self._seen: list[float | None] = [None] * self.L
         self.reset_stats()
@@ -293,8 +450,8 @@ class LatencyPlanner:
         is learnt, and the slack follows whether the token met the budget."""
         now = time.perf_counter()
         if self._last is not None:
-            t, n_ready, n_missing = self._last
-            rest = (now - t) - (self.fit.predict(n_ready, n_missing) - self.fit.fixed_s)
+            t, n_ready, n_missing, n_host = self._last
+            rest = (now - t) - self.fit.ffn_s(n_ready, n_missing, n_host)
             self.head_s = 0.8 * self.head_s + 0.2 * max(rest, 0.0)
             self._last = None
         step = SLACK_STEP * self.budget_s
@@ -325,31 +482,37 @@ class LatencyPlanner:
              topi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Which of ``units`` to compute (on the device, then on the host CPU) to meet the deadline.
 
-        Returns (device units, their weights, host units, their weights): a missing sub-expert
-        is computed on the host from host memory instead of waiting for its copy when that is
-        cheaper (CUDA); the rest that do not fit in this layer's share of the time left are dropped.
+        Returns (device units, their weights, host units, their weights): missing sub-experts
+        are computed on the host from host memory instead of waiting for their copies where
+        that makes the layer shorter (CUDA): max(device FFN, x's copy to the host + their
+        reads, conversions and host FFN) + the result's copy back, against the device FFN
+        with their loads queued on the transfer lanes; the rest that do not fit in this
+        layer's share of the time left are dropped.
         """
         now = time.perf_counter()
         fit = self.fit
         if self._last is not None:  # the segment since the last plan is measured: learn from it
-            t, n_ready, n_missing = self._last
-            fit.observe(n_ready, n_missing, now - t)
+            t, n_ready, n_missing, n_host = self._last
+            fit.observe(n_ready, n_missing, now - t, n_host)
         ids = units.numpy()
         P = ids.shape[0]
+        if P == 0:
+            self._last = (now, 0, 0, 0)
+            return units, wt, units, wt
         ready = np.fromiter((self.store.ready(layer, u) for u in ids.tolist()), dtype=bool, count=P)
-        host_ok = self.host_unit_s is not None and hasattr(self.store, "host_blocks")
-        missing_cost = min(fit.missing_s, self.host_unit_s) if host_ok else fit.missing_s
-        cost = np.where(ready, fit.ready_s, missing_cost)  # [P]
         value = self.values(layer, x, ids, wt, topi)  # [P]
+        order = np.argsort(-value, kind="stable")
+        # The layer's FFN time for each prefix of its units, most valuable first, and how many
+        # of the prefix's missing units the host takes.
+        cost, n_host = fit.prefix_costs(ready[order], host=self._host_ok[layer])  # [P], [P]
         left = (self.budget_s - self.slack_s - (now - self._t0) - self.head_s
                 - (self.L - 1 - layer) * fit.fixed_s)
         later = [s for s in self._seen[layer + 1:] if s is not None]
-        total = float(cost.sum())
+        total = float(cost[-1])
         demand = total + sum(later)
         self._seen[layer] = total
-        if demand <= left:
-            keep = np.ones(P, dtype=bool)
-        else:
+        n_keep = P
+        if demand > left:
             # This layer gets the share of its wanted time that the deadline leaves every layer
             # still to come, and keeps its most valuable sub-experts, in order, while they fit
             # (a costly missing one ends the list rather than being passed over for cheaper
@@ -358,26 +521,24 @@ class LatencyPlanner:
             # per second across layers (the cheapest sub-experts anywhere kept first) emptied
             # some layers; skipping a costly sub-expert for cheaper ones after it kept the
             # resident set instead of the token's best; both cost more KL per dropped
-            # sub-expert than this.
+            # sub-expert than this. The most valuable one is always kept (the floor).
             allowed = max(left, 0.0) / demand * total
-            keep = np.zeros(P, dtype=bool)
-            order = np.argsort(-value, kind="stable")
-            keep[order[0]] = True  # the floor: the layer's most valuable sub-expert
-            spent = float(cost[order[0]])
-            for i, c in zip(order[1:].tolist(), cost[order[1:]].tolist()):
-                if spent + c > allowed:
-                    break
-                keep[i] = True
-                spent += c
-        to_host = keep & ~ready if host_ok and self.host_unit_s < fit.missing_s else np.zeros(P, dtype=bool)
+            over = cost > allowed
+            n_keep = max(int(over.argmax()) if over.any() else P, 1)
+        kept = order[:n_keep]
+        n_hst = int(n_host[n_keep - 1])
+        to_host = np.zeros(P, dtype=bool)
+        if n_hst:  # the least valuable of the kept missing units
+            to_host[kept[~ready[kept]][-n_hst:]] = True
+        keep = np.zeros(P, dtype=bool)
+        keep[kept] = True
         on_device = keep & ~to_host
-        n_keep, n_host = int(keep.sum()), int(to_host.sum())
         self.dropped += P - n_keep
-        self.host_computed += n_host
-        n_ready_kept = int((on_device & ready).sum())
-        self._last = (now, n_ready_kept, n_keep - n_host - n_ready_kept)
+        self.host_computed += n_hst
+        n_ready_kept = int(ready[kept].sum())
+        self._last = (now, n_ready_kept, n_keep - n_hst - n_ready_kept, n_hst)
         none = units[:0]
-        if n_keep == P and n_host == 0:  # everything fits: no indexing
+        if n_keep == P and n_hst == 0:  # everything fits: no indexing
             return units, wt, none, wt[:0]
         dev = torch.from_numpy(np.flatnonzero(on_device))
         hst = torch.from_numpy(np.flatnonzero(to_host))
@@ -395,5 +556,7 @@ class LatencyPlanner:
             "cost_fixed_ms": self.fit.fixed_s * 1000,
             "cost_resident_ms": self.fit.ready_s * 1000,
             "cost_missing_ms": self.fit.missing_s * 1000,
+            "cost_host_unit_ms": None if self.fit.host_s is None else self.fit.host_s * 1000,
+            "load_lanes": self.load_lanes,
             "slack_ms": self.slack_s * 1000,
         }
