@@ -230,8 +230,15 @@ def refactor(model: str | Path | None, out: Path, cfg: RefactorConfig = Refactor
         return _refactor(path, out, cfg, force=force, progress=progress)
 
 
+def phase(name: str) -> None:
+    """Log the start of a phase of the run (``-v``): scripts/refactor_memory.py --trace reads these
+    lines to split its memory samples by phase."""
+    log.info("phase: %s", name)
+
+
 def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progress: bool) -> RefactorReport:
     start = time.perf_counter()
+    phase("open")
     if is_prism(path):
         raise ConfigError(f"{path}: already a prism checkpoint; refactor its source model instead")
     raw = open_checkpoint(path)
@@ -249,10 +256,12 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
     files = [Path(f).resolve() for f in raw.files]
     source_sha = hash_files(files)
     recipe = generation_recipe(cfg)
+    phase("generation")
     generated = generated_text(path, source_sha, recipe, progress=progress)
     ids = calibration_ids(raw.tokenizer, cfg, generated)
     chunks = list(ids.split(min(cfg.seq_len, spec.max_position)))
     store_dtype = raw.tensors.get(next(iter(expert_names_shapes(spec, 0)))).dtype
+    phase("calibration 0")
     collector = _Collector(spec, cfg.rows_per_expert, cfg.seed)
     gates, objective = {}, {s: 0.0 for s in ("contiguous", cfg.solver)}
     errors: dict[str, list[float]] = {"gate_up": [], "down": []}
@@ -265,6 +274,7 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
                disable=not progress)
     try:
         for layer in calibrate_layers(spec, raw.tensors, reader, chunks, collector):
+            phase(f"partition {layer}")
             # The solver's per-swap tensor ops are too small to split: extra threads only contend.
             torch.set_num_threads(1)
             try:
@@ -279,6 +289,8 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
                 objective[k] += v
             collector.release(layer)
             bar.update()
+            if layer + 1 < spec.num_layers:
+                phase(f"calibration {layer + 1}")
         experts = writer.close()
     except BaseException:
         writer.abort()
@@ -291,6 +303,7 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
         gates[f"layers.{layer}.predict.{d}.scale"] = scale
         gates[f"layers.{layer}.predict.{d}.bias"] = bias
 
+    phase("dense")
     dense_names = set(expected_shapes(spec)) - {n for layer in range(spec.num_layers)
                                                  for n in expert_names_shapes(spec, layer)}
     dense = _dense_tensors(spec, raw, qreader, sorted(dense_names), cfg, store_dtype,
@@ -319,6 +332,7 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
                   "source_conversions": {k: list(v) for k, v in
                                          sorted(getattr(raw.tensors, "conversions", {}).items())}},
     }
+    phase("writing")
     try:
         write_prism(out, manifest=manifest, dense=dense, experts=experts, gates=gates, force=force,
                     extra=raw.tokenizer.save)
