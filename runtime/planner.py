@@ -34,7 +34,7 @@ from edge_prism.errors import ConfigError
 from edge_prism.kernels import block_ffn
 
 from .device import device_name as _device_name
-from .device import measure_h2d_bandwidth, synchronize
+from .device import HostCopy, measure_h2d_bandwidth, synchronize, to_device_async
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ class CostModel:
     # (None: never). Measured profiles also give what comes before it; a hand-made one without
     # them counts everything in host_unit_s.
     host_unit_s: float | None = None
-    host_read_s: float | None = None  # one block out of the host tier: pread (file) or memcpy (RAM), with the tier's conversion
+    # one block out of the host tier: pread (file) or memcpy (RAM), with the tier's conversion
+    host_read_s: float | None = None
     host_convert_s: float | None = None  # one block into float32 for the host FFN (none for float32 blocks)
     d2h_s: float | None = None  # x's copy to the host (None: copy_overhead_s)
     h2d_result_s: float | None = None  # the host result's copy back (None: copy_overhead_s)
@@ -105,9 +106,14 @@ def profiles_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-prism" / "profiles"
 
 
+# Profiles of an older cost model are measured again (2: the host path's reads, conversions
+# and copies).
+COST_MODEL_VERSION = 2
+
+
 def _cache_path(device: torch.device, signature: str) -> Path:
     # The torch version is part of the key: a new build (kernels, drivers) is measured again.
-    key = f"{device_name(device)}-{signature}-torch{torch.__version__}"
+    key = f"{device_name(device)}-{signature}-torch{torch.__version__}-v{COST_MODEL_VERSION}"
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
     return profiles_dir() / f"cost-{safe}.json"
 
@@ -219,13 +225,32 @@ def _measure(model, device: torch.device) -> CostModel:
     o_in = torch.zeros(1, o_width, device=device, dtype=model.dtype)
     fixed = _timed(lambda: (lw.wqkv(x), lw.wo(o_in)), 10, device) * 1.5  # + attention, norms, router
     head = _timed(lambda: model.w.lm_head(x), 5, device)
-    host_unit_s = None
-    if device.type == "cuda" and hasattr(model.store, "host_blocks") and isinstance(pool, torch.Tensor):
-        # The same block math on the host CPU, from a host copy of one float block.
-        hb, hx = pool[:1].float().cpu(), x.float().cpu()
-        host_unit_s = _timed(lambda: block_ffn(hx, hb, torch.ones(1, 1)), 10, torch.device("cpu"))
+    host = {}
+    if (device.type == "cuda" and hasattr(model.store, "host_blocks") and isinstance(pool, torch.Tensor)
+            and pool.dtype.is_floating_point):
+        host = _measure_host(model, layer, x, device)
     return CostModel(device=device_name(device), h2d_bytes_per_s=bw, copy_overhead_s=overhead,
-                     unit_s=unit_s, layer_fixed_s=fixed + t1 - unit_s, head_s=head, host_unit_s=host_unit_s)
+                     unit_s=unit_s, layer_fixed_s=fixed + t1 - unit_s, head_s=head, **host)
+
+
+def _measure_host(model, layer: int, x: torch.Tensor, device: torch.device) -> dict:
+    """The host path of ``layer`` as Transformer._host_units runs it, step by step: x's copy to
+    the host; per unit, its block out of the host tier (pread from the file tier or a copy out
+    of the RAM tier, and the tier's conversion), its conversion to float32 and its host FFN;
+    the result's copy back to ``device``. CostModel fields."""
+    cpu = torch.device("cpu")
+    store = model.store
+    n = min(4, model.spec.ffn[layer].num_experts * model.parts[layer])  # a few units, as a plan sends
+    units = list(range(n))
+    read = _timed(lambda: store.host_blocks(layer, units), 5, cpu) / n
+    block = store.host_blocks(layer, units[:1])
+    convert = _timed(lambda: block.float(), 10, cpu) if block.dtype != torch.float32 else 0.0
+    hb, hx = block.float(), x.float().cpu()
+    ffn = _timed(lambda: block_ffn(hx, hb, torch.ones(1, 1)), 10, cpu)
+    d2h = _timed(lambda: HostCopy(x).wait(), 10, device)
+    y = torch.zeros(1, x.shape[-1])
+    h2d = _timed(lambda: to_device_async(y, device, x.dtype), 10, device)
+    return dict(host_unit_s=ffn, host_read_s=read, host_convert_s=convert, d2h_s=d2h, h2d_result_s=h2d)
 
 
 class OnlineCost:

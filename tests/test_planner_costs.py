@@ -228,3 +228,31 @@ def test_planner_learns_synthetic_costs_while_planning(monkeypatch):
     assert abs(fit.fixed_s - 2 * MS) < 0.2 * MS
     assert abs(fit.ready_s - 0.1 * MS) < 0.03 * MS and abs(fit.missing_s - 0.7 * MS) < 0.1 * MS
     assert abs(fit.host_s - MS) < 0.1 * MS
+
+
+# -- measuring the host path -------------------------------------------------------------------
+def test_host_path_is_measured_step_by_step_and_plans_with_it(prism_of, min_budget):
+    """The host path's measurement (CUDA only in load(); its steps run on the CPU too): every
+    step has a time, and a planner using them with slow loads computes misses on the host,
+    exactly."""
+    path = prism_of("olmoe")
+    ref = edge_prism.load(path)
+    engine = edge_prism.load(path, memory_budget=min_budget(path), prefetch=False, token_latency_ms=10_000)
+    model = engine.model
+    x = torch.randn(1, model.spec.hidden_size, dtype=model.dtype)
+    host = planner_mod._measure_host(model, 0, x, torch.device("cpu"))
+    assert set(host) == {"host_unit_s", "host_read_s", "host_convert_s", "d2h_s", "h2d_result_s"}
+    assert all(v >= 0 for v in host.values()) and host["host_unit_s"] > 0 and host["host_read_s"] > 0
+    slow_loads = CostModel(device="forced", h2d_bytes_per_s=1e3, copy_overhead_s=0.0, unit_s=1e-6,
+                           layer_fixed_s=1e-6, head_s=0.0, **host)
+    model.planner = LatencyPlanner(model, model.store, slow_loads, budget_s=10.0)
+    assert engine.generate_ids(list(range(70, 94)), max_new_tokens=6) == ref.generate_ids(list(range(70, 94)),
+                                                                                          max_new_tokens=6)
+    s = engine.stats
+    assert s["cpu_computed_subexperts"] > 0 and s["dropped_subexperts"] == 0 and s["cost_host_unit_ms"] > 0
+
+
+def test_profiles_of_the_older_cost_model_are_not_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE_PRISM_PROFILES", str(tmp_path))
+    path = planner_mod._cache_path(torch.device("cpu"), "sig")
+    assert path.parent == tmp_path and path.name.endswith(f"-v{planner_mod.COST_MODEL_VERSION}.json")
