@@ -27,8 +27,16 @@ in tiles of 64; byte (t, j, k) holds row 64t+j in its low nibble and row 64t+32+
 high nibble. Rows are whole, so a matrix's rows (a sub-expert's W_gate / W_up rows)
 are a byte range and tiles concatenate along rows and along K without re-quantizing.
 This is a portable format, not a kernel's: ``pack`` turns it into whatever the running
-kernel wants, which on AVX-512 CPUs happens to be a transpose of each tile (cheap
-enough to do on every streamed block), and elsewhere is a full repack.
+kernel wants, which on AVX-512 CPUs happens to be a transpose of each tile, and elsewhere
+is a full repack.
+
+Inside a sub-expert block (``UnitFormat``: what the prism's experts file holds and what
+streams into a slot) each tile is stored transposed, bytes [R/64, K, 32]: the same portable
+bits in k-major order. That order is fixed by this format, whatever the CPU; where the
+running kernel's packing is exactly it (``Int4Backend.native_blocks``, probed: AVX-512
+CPUs) a streamed block is read from the file straight into its slot with no conversion.
+Measured on the default model's 104 KB blocks (2-core AVX-512 EPYC): 22 us per block
+read, against 22 + 74 us when every miss was re-tiled on its way in.
 """
 
 from __future__ import annotations
@@ -326,8 +334,10 @@ class QMatrix:
 
     # -- bytes -------------------------------------------------------------------------
     def to_bytes(self) -> torch.Tensor:
-        """codes then sz as one uint8 tensor (a sub-expert block's part)."""
-        return torch.cat((self.codes.reshape(-1), self.sz.contiguous().view(torch.uint8).reshape(-1)))
+        """codes (tiles transposed, [R/64, K, 32]: the block order, see the module docstring)
+        then sz, as one uint8 tensor (a sub-expert block's part)."""
+        codes = self.codes.transpose(1, 2).contiguous().reshape(-1)
+        return torch.cat((codes, self.sz.contiguous().view(torch.uint8).reshape(-1)))
 
 
 @dataclass(frozen=True)
@@ -354,9 +364,13 @@ class MatrixLayout:
         """Bytes of codes and scales."""
         return self.code_bytes + (self.cols // self.group) * self.R * 4
 
+    def codes_view(self, b: torch.Tensor) -> torch.Tensor:
+        """Storage tiles [R/64, 32, K] (a strided view) of the block-order codes at the start of ``b``."""
+        return b[: self.code_bytes].view(self.R // TILE, self.cols, TILE // 2).transpose(1, 2)
+
     def view(self, b: torch.Tensor) -> QMatrix:
         """The QMatrix stored in bytes ``b`` (views, no copy)."""
-        codes = b[: self.code_bytes].view(self.R // TILE, TILE // 2, self.cols)
+        codes = self.codes_view(b)
         sz = b[self.code_bytes:self.nbytes].view(torch.bfloat16).view(self.cols // self.group, self.R, 2)
         return QMatrix(codes, sz, self.rows, self.planes)
 
@@ -400,11 +414,13 @@ class UnitFormat:
 
     def to_kernel(self, src: torch.Tensor, dst: torch.Tensor, backend: "Int4Backend") -> None:
         """Write block ``src`` (storage form, host bytes) into ``dst`` in ``backend``'s layout."""
+        if backend.native_blocks:
+            dst.copy_(src)
+            return
         off = 0
         for layout in (self.gu, self.dn):
             s, d = src[off:off + layout.nbytes], dst[off:off + layout.nbytes]
-            codes = s[: layout.code_bytes].view(layout.R // TILE, TILE // 2, layout.cols)
-            backend.pack_codes_into(codes, d[: layout.code_bytes], layout)
+            backend.pack_codes_into(layout.codes_view(s), d[: layout.code_bytes], layout)
             d[layout.code_bytes:].copy_(s[layout.code_bytes:])
             off += layout.nbytes
 
@@ -456,6 +472,7 @@ class Int4Backend:
     """
 
     name = "dequant"
+    native_blocks = False  # whether the kernel reads a stored sub-expert block as it is
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
@@ -515,6 +532,7 @@ class CpuInt4Backend(Int4Backend):
     def __init__(self, device: torch.device):
         super().__init__(device)
         self.tile_transpose = _cpu_layout_is_tile_transpose()
+        self.native_blocks = self.tile_transpose  # block order = this CPU's packing
 
     def packed_view(self, b: torch.Tensor, layout: MatrixLayout) -> torch.Tensor:
         return b.view(layout.R, layout.cols // 2)

@@ -155,23 +155,10 @@ def transfer_lanes(store) -> int | None:
     time the one-lane fit learns). The CPU: the worker count, each worker reading a block
     straight into its slot.
 
-    A store's ``load_lanes()`` is asked first; else a BudgetedStore's transferers (their
-    ``lanes``, else whether they are asynchronous and how many worker threads they run).
+    Stores that load nothing (everything resident) have no ``load_lanes``.
     """
     own = getattr(store, "load_lanes", None)
-    if callable(own):
-        n = own()
-        return None if n is None else max(int(n), 1)
-    lanes = []
-    for p in getattr(store, "_pools", {}).values():
-        t = getattr(p, "transfer", None)
-        if t is None:
-            continue
-        n = getattr(t, "lanes", None)
-        if n is None:
-            n = 1 if getattr(t, "_async", False) else len(getattr(t, "_threads", ()))
-        lanes.append(max(int(n), 1))
-    return min(lanes) if lanes else None
+    return None if own is None else max(int(own()), 1)
 
 
 def planner_for(model, *, budget_s: float, device: torch.device, dtype: torch.dtype) -> "LatencyPlanner":

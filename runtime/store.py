@@ -162,14 +162,18 @@ def prism_tiers(path, device: torch.device, *, host: str = "auto", formats: dict
     (its peak is the tier's bytes, not 2-3x). Quantized layers (``formats``: layer ->
     quant.UnitFormat) are stored in a portable layout and turned into ``backend``'s kernel
     layout, float blocks into the layers' dtype: on their way into a slot (file tier) or
-    once at load (RAM tier).
+    once at load (RAM tier). Where the kernel reads the portable layout as it is
+    (``backend.native_blocks``: AVX-512 CPUs) a block goes from the file into its slot in
+    one read.
     """
 
     def make(group: list[LayerBlocks], offsets: list[int], nbytes: int) -> HostTier:
         lb0 = group[0]
         tier: HostTier = FileTier(path, offsets, nbytes, lb0.stored_dtype, lb0.block_shape)
         fmts = [(formats or {}).get(lb.layer) for lb in group for _ in range(lb.units)]
-        if any(fmts):
+        if all(fmts) and backend is not None and backend.native_blocks:
+            pass  # the kernel reads blocks as stored: straight from the file into a slot
+        elif any(fmts):
             tier = ConvertingTier(tier, [functools.partial(f.to_kernel, backend=backend) for f in fmts])
         elif lb0.stored_dtype != lb0.dtype:
             tier = ConvertingTier(tier, [_cast] * len(offsets), storage_dtype=lb0.stored_dtype)
@@ -499,6 +503,10 @@ class BudgetedStore:
         """Bytes of sub-experts held in slots now (never above the budget)."""
         return sum((p.pool.num_slots - p.policy.free_slots()) * p.pool.slot_nbytes
                    for p in self._pools.values())
+
+    def load_lanes(self) -> int:
+        """Missing sub-experts loaded at once (the fewest over the slot pools' transferers)."""
+        return min(p.transfer.lanes for p in self._pools.values())
 
     def slot_bytes(self) -> int:
         """Bytes of the slot pools (allocated once, at most the budget)."""

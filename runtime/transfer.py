@@ -347,6 +347,14 @@ class Transferer:
         )
 
     # -- submitting ----------------------------------------------------------------------------
+
+    @property
+    def lanes(self) -> int:
+        """Missing blocks loaded at once: 1 on an asynchronous device (every demand copy runs
+        on the one demand stream, in order), the worker count on the CPU (each worker reads
+        a block straight into its slot)."""
+        return 1 if self._async else len(self._threads)
+
     def submit(self, index: int, slot: int, *, speculative: bool = False) -> Ticket:
         """Start moving block ``index`` into ``slot``; returns at once.
 

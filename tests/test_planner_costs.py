@@ -146,17 +146,9 @@ def test_quantized_blocks_never_go_to_the_host(frozen_clock):
     assert _plan(planner)[1] == []
 
 
-def test_lanes_default_to_the_transfer_engines_then_to_the_cost_models_workers():
-    def store_of(*transfers):
-        return SimpleNamespace(_pools={i: SimpleNamespace(transfer=t) for i, t in enumerate(transfers)})
-
-    cuda = SimpleNamespace(_async=True, _threads=[object()])  # one FIFO demand copy stream
-    cuda_staging = SimpleNamespace(_async=True, _threads=[object()] * 4)  # workers pread, one copy stream
-    cpu = SimpleNamespace(_async=False, _threads=[object()] * 3)  # 3 workers read into slots
-    assert transfer_lanes(store_of(cuda)) == 1 and transfer_lanes(store_of(cuda_staging)) == 1
-    assert transfer_lanes(store_of(cpu)) == 3 and transfer_lanes(store_of(cpu, cuda)) == 1
-    assert transfer_lanes(store_of(SimpleNamespace(lanes=5))) == 5
+def test_lanes_come_from_the_store_then_from_the_cost_models_workers():
     assert transfer_lanes(SimpleNamespace(load_lanes=lambda: 2)) == 2
+    assert transfer_lanes(SimpleNamespace(load_lanes=lambda: 0)) == 1
     assert transfer_lanes(SimpleNamespace()) is None  # everything resident: no transfer engine
     ready = {u: True for u in range(12)}
     assert _planner(1.0, ready=ready, lanes=None, workers=3).load_lanes == 3
@@ -167,7 +159,8 @@ def test_planner_for_takes_the_cpu_stores_worker_count(prism_of, min_budget):
     engine = edge_prism.load(path, memory_budget=min_budget(path), token_latency_ms=1000)
     store = engine.model.store
     workers = {len(p.transfer._threads) for p in store._pools.values()}
-    assert engine.model.planner.load_lanes == transfer_lanes(store) == min(workers)
+    assert {p.transfer.lanes for p in store._pools.values()} == workers  # CPU: each worker reads into a slot
+    assert engine.model.planner.load_lanes == transfer_lanes(store) == store.load_lanes() == min(workers)
     assert engine.stats["load_lanes"] == min(workers)
 
 

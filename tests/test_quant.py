@@ -149,6 +149,43 @@ def _reference_units(fmt: UnitFormat, blocks: list[torch.Tensor], x: torch.Tenso
     return out
 
 
+def test_a_native_backend_reads_stored_blocks_as_its_own_packing():
+    """Where the CPU kernel's packing is the stored block order, a streamed block needs no
+    conversion: the stored bytes are what packing the block's matrices gives."""
+    b = CpuInt4Backend(torch.device("cpu"))
+    fmt = UnitFormat(n=64, hidden=96, gu_planes=1, dn_planes=2, group=32)
+    block = _units(fmt, 1)[0]
+    gu, dn = fmt.split(block)
+    packed = torch.cat([torch.cat((b.pack(m).packed.reshape(-1).view(torch.uint8),
+                                   m.sz.contiguous().view(torch.uint8).reshape(-1))) for m in (gu, dn)])
+    assert b.native_blocks == torch.equal(packed, block)
+    converted = torch.empty_like(block)
+    fmt.to_kernel(block, converted, b)
+    assert torch.equal(converted, packed)  # native or not, a slot holds the kernel's packing
+
+
+def test_native_blocks_stream_from_the_file_without_a_conversion_tier(tmp_path):
+    from edge_prism.runtime.store import ConvertingTier, LayerBlocks, prism_tiers
+    from edge_prism.runtime.transfer import FileTier
+
+    fmt = UnitFormat(n=32, hidden=64, gu_planes=1, dn_planes=1, group=32)
+    blocks = torch.stack(_units(fmt, 3))
+    path = tmp_path / "blocks.bin"
+    path.write_bytes(blocks.numpy().tobytes())
+    lb = LayerBlocks(layer=0, parts=3, units=3, block_shape=(fmt.nbytes,), dtype=torch.uint8, offset=0,
+                     order=[0, 1, 2], frequency=[1.0, 1.0, 1.0], max_selection=3)
+    for backend in BACKENDS:
+        make = prism_tiers(path, torch.device("cpu"), formats={0: fmt}, backend=backend)
+        tier = make([lb], [i * fmt.nbytes for i in range(3)], fmt.nbytes)
+        assert isinstance(tier, FileTier if backend.native_blocks else ConvertingTier)
+        got = torch.empty(fmt.nbytes, dtype=torch.uint8)
+        tier.read_into(2, got)
+        want = torch.empty_like(got)
+        fmt.to_kernel(blocks[2], want, backend)
+        assert torch.equal(got, want)
+        tier.close()
+
+
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 @pytest.mark.parametrize("planes", [(1, 1), (2, 1), (1, 2)])
 def test_sub_experts_from_slots_and_whole_experts_agree(backend, planes):

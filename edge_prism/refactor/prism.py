@@ -57,7 +57,8 @@ except ImportError:  # Windows
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # 2: W_down columns stored [D, n] in each block; 3: quantized blocks and weights
+FORMAT_VERSION = 4  # 2: W_down columns stored [D, n] in each block; 3: quantized blocks and weights;
+# 4: quantized blocks hold their code tiles k-major (quant.MatrixLayout.codes_view)
 MANIFEST = "prism.json"
 DENSE, EXPERTS, GATES, QUALITY = "dense.safetensors", "experts.safetensors", "gates.safetensors", "quality.json"
 
