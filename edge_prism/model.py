@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from edge_prism.kernels import Embedding, FFNKernel, FloatEmbedding, FloatLinear, Linear, block_ffn
 from edge_prism.runtime.device import HostCopy, to_device_async
+from edge_prism.select import full_token_units
 from edge_prism.spec import MLASpec, ModelSpec
 
 __all__ = ["LayerWeights", "MLAWeights", "Weights", "Transformer", "KVCache", "MLACache", "block_ffn",
@@ -148,6 +149,12 @@ class Selector(Protocol):
     def __call__(self, layer: int, x: torch.Tensor, topv: torch.Tensor,
                  topi: torch.Tensor) -> torch.Tensor:
         """Weights [T, k, S] for each token's k experts' S sub-experts; 0 = not computed."""
+        ...
+
+    def decode_units(self, layer: int, x: torch.Tensor, topv: torch.Tensor,
+                     topi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same choice for one token as the store takes it: units (sorted, CPU) [P] and
+        their weights [P, 1]."""
         ...
 
 
@@ -360,6 +367,7 @@ class Transformer:
         self._rope_len = 0
         self._ensure_rope(256)
         self._all_units = [torch.arange(f.num_experts * s) for f, s in zip(spec.ffn, parts)]
+        self._part_ids = {s: torch.arange(s, device=device) for s in set(parts)}  # 0..S-1 per S
         self._dense_route: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- positions -------------------------------------------------------------------
@@ -517,6 +525,11 @@ class Transformer:
         if self.selector is None and not f.routed:
             # Dense FFN at full operating point: every unit, weight 1, no sync needed.
             return self._all_units[layer], None
+        if T == 1:
+            # Decode: the token's units straight from its k (distinct) experts, no [U, T] scatter.
+            if self.selector is not None:
+                return self.selector.decode_units(layer, x, topv, topi)  # [P], [P, 1]
+            return full_token_units(S, topv, topi, self._part_ids[S], x.dtype)
         if self.selector is None:
             w = topv[:, :, None].expand(T, topi.shape[1], S)  # [T, k, S]
         else:

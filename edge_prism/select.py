@@ -83,11 +83,13 @@ class SubExpertSelector:
         self.spec, self.parts, self.gates = spec, parts, gates
         self.k = check_operating_point(k, spec, parts)
         dense_model = not spec.is_moe
-        self._quota: list[torch.Tensor | None] = []
+        self._quota: list[torch.Tensor | None] = []  # None: every part (a dense layer of a MoE model, or full K)
         self._on_device: dict[tuple[int, torch.device], torch.Tensor] = {}  # copied once, not per token
+        self._part_ids: dict[tuple[int, torch.device], torch.Tensor] = {}  # 0..S-1 per (S, device)
         for f, s in zip(spec.ffn, parts):
             if f.routed or dense_model:
-                self._quota.append(torch.tensor(quotas(self.k, f.top_k, s)))
+                q = quotas(self.k, f.top_k, s)
+                self._quota.append(None if all(n == s for n in q) else torch.tensor(q))
             else:
                 self._quota.append(None)  # dense layer of a MoE model: full width
 
@@ -95,16 +97,57 @@ class SubExpertSelector:
         """Parts per ranked expert [k] of ``layer`` (None: all)."""
         return self._quota[layer]
 
+    def _picks(self, layer: int, x: torch.Tensor, topi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each routed expert's best parts by gate score, [T, k, qmax], and which of those
+        its quota keeps, [k, qmax] (the expert of rank j keeps its first quota[j])."""
+        q = self._quota[layer]
+        key = (layer, x.device)
+        valid = self._on_device.get(key)
+        if valid is None:
+            valid = self._on_device[key] = (torch.arange(int(q.max()))[None, :] < q[:, None]).to(x.device)
+        parts = self.gates[layer].scores(x, topi).topk(valid.shape[1], dim=-1).indices  # [T, k, qmax]
+        return parts, valid[: topi.shape[1]]
+
     def __call__(self, layer: int, x: torch.Tensor, topv: torch.Tensor, topi: torch.Tensor) -> torch.Tensor:
         S = self.parts[layer]
-        q = self._quota[layer]
         T, k = topi.shape
-        if q is None or bool((q == S).all()):
+        if self._quota[layer] is None:
             return topv[:, :, None].expand(T, k, S)  # [T, k, S]
-        scores = self.gates[layer].scores(x, topi)  # [T, k, S]
-        rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)  # [T, k, S]
-        qd = self._on_device.get((layer, x.device))
-        if qd is None:
-            qd = self._on_device[(layer, x.device)] = q.to(x.device)  # [k]
-        keep = rank < qd[None, :, None]  # [T, k, S]
+        parts, valid = self._picks(layer, x, topi)  # [T, k, qmax], [k, qmax]
+        keep = torch.zeros(T, k, S, dtype=torch.bool, device=x.device)
+        keep.scatter_(2, parts, valid[None].expand_as(parts))  # [T, k, S]
         return topv[:, :, None] * keep  # [T, k, S]
+
+    def decode_units(self, layer: int, x: torch.Tensor, topv: torch.Tensor,
+                     topi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token's selection as the store takes it: units e*S+s (sorted, CPU) [P] and their
+        weights [P, 1], without the [1, k, S] weight tensor of __call__ (the same choice)."""
+        S = self.parts[layer]
+        if self._quota[layer] is None:
+            ids = self._part_ids.get((S, x.device))
+            if ids is None:
+                ids = self._part_ids[(S, x.device)] = torch.arange(S, device=x.device)
+            return full_token_units(S, topv, topi, ids, x.dtype)
+        parts, valid = self._picks(layer, x, topi)
+        flat = topi[0, :, None] * S + parts[0]  # [k, qmax]
+        wv = topv[0, :, None].expand_as(flat)
+        keep = valid & (wv != 0)  # a zero router weight (group-limited routing) computes nothing
+        return token_units(flat, wv, keep, x.dtype)
+
+
+def full_token_units(S: int, topv: torch.Tensor, topi: torch.Tensor, ids: torch.Tensor,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every part of one token's routed experts: units (sorted, CPU) [P], weights [P, 1];
+    ``ids`` = arange(S) on the routing's device."""
+    flat = topi[0, :, None] * S + ids  # [k, S]
+    wv = topv[0, :, None].expand_as(flat)
+    return token_units(flat, wv, wv != 0, dtype)
+
+
+def token_units(flat: torch.Tensor, wv: torch.Tensor, keep: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate units ``flat`` with weights ``wv`` (same shape, distinct units), those where
+    ``keep``: units sorted (CPU) [P] and their weights [P, 1] in ``dtype``."""
+    sel = keep.reshape(-1).nonzero().squeeze(1)  # [P] (the host sync the store needs)
+    units, order = flat.reshape(-1)[sel].sort()
+    return units.cpu(), wv.reshape(-1)[sel][order, None].to(dtype)  # [P], [P, 1]

@@ -110,3 +110,32 @@ def test_invalid_latency_budgets_are_refused(prism_of, bad):
 def test_a_latency_budget_on_a_plain_checkpoint_names_the_fix(tiny_engines):
     with pytest.raises(ConfigError, match="refactor"):
         tiny_engines("llama").set_token_latency_ms(50)
+
+
+@pytest.mark.parametrize("family", ["llama", "olmoe"])
+@pytest.mark.parametrize("gate", ["linear", "proxy"])
+def test_a_decode_token_selects_what_the_batched_path_selects(family, gate, prism_of):
+    """unit_weights' one-token path (straight to the store's unit list) against the weights
+    tensor of the many-token path, at several points and for every layer."""
+    engine = edge_prism.load(prism_of(family), gate=gate)
+    m = engine.model
+    gen = torch.Generator().manual_seed(3)
+    for k in (1, 3, full_k(engine) - 1, full_k(engine)):
+        engine.set_operating_point(k)
+        for layer in range(m.spec.num_layers):
+            x = torch.randn(1, m.spec.hidden_size, generator=gen).to(m.dtype)
+            topv, topi = m.route(layer, x)
+            units, wt = m.unit_weights(layer, x, topv, topi)
+            S = m.parts[layer]
+            w = topv[:, :, None].expand(1, topi.shape[1], S) if m.selector is None else m.selector(layer, x, topv, topi)
+            dense = torch.zeros(m.spec.ffn[layer].num_experts * S)
+            dense[(topi[0, :, None] * S + torch.arange(S)).reshape(-1)] = w[0].reshape(-1).float()
+            want = dense.nonzero().squeeze(1)
+            assert torch.equal(units, want), (k, layer)
+            if wt is None:  # a dense FFN at full K: every unit, weight 1
+                assert bool((dense[want] == 1).all())
+            else:
+                assert wt.shape == (want.numel(), 1)
+                torch.testing.assert_close(wt[:, 0].float(), dense[want])
+            if k < full_k(engine) and m.spec.ffn[layer].routed or not m.spec.is_moe and k < full_k(engine):
+                assert units.numel() < topi.shape[1] * S

@@ -170,6 +170,8 @@ def linear_scores_batched(weight: Tensor, bias: Tensor, x: Tensor, experts: Tens
     # T=tokens, k=routed experts per token, E=experts, N=groups, D=hidden
     n_experts, hidden, num_groups = weight.shape
     x = x.to(weight.dtype)
+    if n_experts == 1:  # a dense model's FFN: one fused op (decode runs it every layer)
+        return torch.addmm(bias, x, weight[0])[:, None, :].expand(x.shape[0], experts.shape[1], num_groups)
     if _gather_weights(x.shape[0], experts.shape[1], n_experts):
         scores = torch.einsum("td,tkdn->tkn", x, weight[experts])  # [T, k, N]
     else:
