@@ -9,16 +9,21 @@ from pathlib import Path
 
 import torch
 
-from edge_prism.build import (ResidentStore, TensorReader, WholeBudgetStore, build_weights, check_shapes,
-                              plain_layer)
+from edge_prism.build import ResidentStore, TensorReader, WholeBudgetStore, build_weights, check_shapes
 from edge_prism.engine import Engine
 from edge_prism.errors import BudgetError, ConfigError, EdgePrismError
 from edge_prism.families import build_spec
 from edge_prism.loaders import open_checkpoint, resolve_model
 from edge_prism.model import Transformer
+from edge_prism.paths import cache_root
+from edge_prism.plain import build_plain, plain_parts
 from edge_prism.spec import ModelSpec
 
 log = logging.getLogger(__name__)
+
+# cache_root (edge_prism.paths) and build_plain / plain_parts (edge_prism.plain) live below this
+# module and stay importable from it: the refactoring, which cached_prism() calls, reaches them
+# without importing this module.
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -100,35 +105,6 @@ def load(model: str | Path | None = None, **options) -> Engine:
     if unknown:
         raise ConfigError(f"unknown load() option '{unknown[0]}': use {', '.join(sorted(known))}")
     return load_with(model, RuntimeConfig(**options))
-
-
-def build_plain(spec: ModelSpec, reader: TensorReader, *, dtype: torch.dtype,
-                device: torch.device) -> Transformer:
-    """A fully resident model from a plain checkpoint (quantized experts stay quantized)."""
-    check_shapes(spec, reader)
-    weights = build_weights(spec, reader)
-    pools, kernels, parts = [], [], []
-    for layer, f in enumerate(spec.ffn):
-        pool, kernel, p = plain_layer(spec, reader, layer, float_parts=plain_parts(f.width))
-        pools.append(pool)
-        kernels.append(kernel)
-        parts.append(p)
-    units = [f.num_experts * p for f, p in zip(spec.ffn, parts)]
-    return Transformer(spec, weights, ResidentStore(pools, units), parts=parts, kernels=kernels,
-                       dtype=dtype, device=device)
-
-
-def plain_parts(width: int) -> int:
-    """Blocks per expert for a plain checkpoint (all computed: the split is exact).
-
-    A batch of 16 gemvs of ~100 rows decodes ~15% faster than one tall gemv on a 2-core
-    CPU (measured: 45 vs 53 ms per token on the default model), so experts are cut into
-    up to 16 blocks of at least 64 neurons.
-    """
-    for parts in (16, 8, 4, 2):
-        if width % parts == 0 and width // parts >= 64:
-            return parts
-    return 1
 
 
 def load_with(model: str | Path | None, cfg: RuntimeConfig) -> Engine:
@@ -560,15 +536,6 @@ def default_prism(*, progress: bool = True) -> Path:
     from edge_prism.loaders.default import default_model_path
 
     return cached_prism(default_model_path(), progress=progress)
-
-
-def cache_root() -> Path:
-    """Where built prism checkpoints and measured profiles are kept: $EDGE_PRISM_CACHE, else
-    $XDG_CACHE_HOME/edge-prism, else ~/.cache/edge-prism."""
-    import os
-
-    return Path(os.environ.get("EDGE_PRISM_CACHE") or
-                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-prism")
 
 
 def cached_prism(source: Path, *, progress: bool = True) -> Path:

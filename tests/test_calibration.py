@@ -156,3 +156,34 @@ def test_output_mass_partitions_differently_and_stays_exact_at_full_k(prism_of, 
     assert not torch.equal(open_prism(out).gate_tensor("layers.0.perm"), open_prism(act).gate_tensor("layers.0.perm"))
     with pytest.raises(ConfigError, match="mass"):
         RefactorConfig(mass="energy")
+
+
+def test_a_large_source_writes_its_text_streamed_and_seeded(tiny_checkpoint, own_cache, monkeypatch):
+    from edge_prism.refactor import stream
+
+    monkeypatch.setattr(stream, "RESIDENT_GENERATION_BYTES", 0)  # every source counts as large
+    built = []
+    real = stream.streamed_model
+    monkeypatch.setattr(stream, "streamed_model", lambda *a, **kw: built.append(a) or real(*a, **kw))
+    src = tiny_checkpoint("qwen3_moe")
+    recipe = selfgen.GenerationRecipe(tokens=96)
+    first = selfgen.generated_text(src, "1" * 64, recipe, progress=False)
+    for f in selfgen.cache_dir().iterdir():
+        f.unlink()
+    assert selfgen.generated_text(src, "1" * 64, recipe, progress=False) == first
+    assert len(built) == 2 and first.startswith(selfgen.SEED_PROMPTS[0][1])
+
+
+def test_selfgen_imports_without_the_api():
+    """The api <-> refactor.selfgen cycle is gone: selfgen's imports are at module level, and
+    importing it does not import edge_prism.api."""
+    import ast
+    import subprocess
+    import sys
+
+    code = "import sys, edge_prism.refactor.selfgen; sys.exit('edge_prism.api' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    tree = ast.parse(open(selfgen.__file__, encoding="utf-8").read())
+    inner = [n for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) for n in ast.walk(f)
+             if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert inner == []

@@ -3,6 +3,7 @@ written atomically, and refused clearly when damaged or stale (synthetic tiny we
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -181,3 +182,92 @@ def test_cli_refactor_then_eval_json(tiny_checkpoint, tmp_path, capsys):
     assert sorted(r["operating_point"] for r in prism_rows) == [4, 16]
     assert all(r["perplexity"] > 1 for r in rows)
     assert sorted(r["top_k"] for r in rows if r["curve"] == "top-k") == [1, 2]  # baseline curve
+
+
+# -- bounded memory: the source read, not mapped; the source model streamed ------------------------
+def _bf16_copy(src: Path, dst: Path) -> Path:
+    """``src`` with every float tensor stored as bfloat16 (how real MoE checkpoints ship)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        tensors = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in load_file(f).items()}
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    return dst
+
+
+def test_read_source_reads_what_the_mapping_holds(tiny_checkpoint):
+    from edge_prism.loaders import open_checkpoint
+    from edge_prism.refactor.stream import ReadSource, read_source
+
+    raw = open_checkpoint(tiny_checkpoint("qwen3_moe"))
+    src = read_source(raw.tensors)
+    assert isinstance(src, ReadSource)
+    for name in raw.tensors.names():
+        assert torch.equal(src.get(name), raw.tensors.get(name)), name
+        assert src.dtype(name) == raw.tensors.get(name).dtype
+    ids = torch.tensor([5, 3, 5, 0, 255])
+    assert torch.equal(src.rows("model.embed_tokens.weight", ids), raw.tensors.get("model.embed_tokens.weight")[ids])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "qwen2_moe", "deepseek_v2"])
+def test_streamed_source_model_computes_what_the_resident_one_does(family, tiny_checkpoint, tiny_engines):
+    from edge_prism.families import build_spec
+    from edge_prism.loaders import open_checkpoint
+    from edge_prism.refactor.stream import read_source, streamed_model
+
+    path = tiny_checkpoint(family)
+    raw = open_checkpoint(path)
+    model = streamed_model(build_spec(raw.config, where=str(path)), read_source(raw.tensors), path)
+    assert model.dtype == torch.float32  # float32 weights: float32 compute
+    ids = torch.tensor(PROMPT)
+    ref = tiny_engines(family).model.forward(ids, all_logits=True)
+    assert rel_err(model.forward(ids, all_logits=True), ref) < 1e-5
+
+
+def test_streamed_model_of_bfloat16_weights_computes_in_bfloat16(tiny_checkpoint, tmp_path):
+    from edge_prism.families import build_spec
+    from edge_prism.loaders import open_checkpoint
+    from edge_prism.refactor.stream import read_source, streamed_model
+
+    path = _bf16_copy(tiny_checkpoint("qwen3_moe"), tmp_path / "bf16")
+    raw = open_checkpoint(path)
+    model = streamed_model(build_spec(raw.config, where=str(path)), read_source(raw.tensors), path)
+    assert model.dtype == torch.bfloat16
+    held = [lw.wqkv.w for lw in model.w.layers] + [lw.wo.w for lw in model.w.layers] + [model.w.lm_head.w]
+    assert all(t.dtype == torch.bfloat16 for t in held)  # no float32 copies
+    ids = torch.tensor(PROMPT)
+    ref = edge_prism.load(path, device="cpu").model.forward(ids, all_logits=True)  # float32, same weights
+    assert rel_err(model.forward(ids, all_logits=True).float(), ref) < 0.05
+
+
+def test_streamed_writer_writes_rows_in_the_given_order(tmp_path):
+    from safetensors.torch import load_file
+
+    from edge_prism.refactor.prism import StreamedSafetensors
+
+    blocks = torch.randn(10, 3, 4, 8).to(torch.bfloat16)
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    w = StreamedSafetensors(tmp_path / "e.safetensors", [("b", torch.bfloat16, (10, 3, 4, 8)),
+                                                         ("o", torch.int64, (10,))])
+    w.write("b", blocks, rows=order, chunk_bytes=3 * blocks[0].numel() * 2)  # several chunks
+    w.write("o", order)
+    got = load_file(w.close())
+    assert torch.equal(got["b"], blocks[order]) and torch.equal(got["o"], order)
+
+
+def test_bfloat16_source_refactors_exactly_with_its_generation_streamed(tiny_checkpoint, tmp_path, monkeypatch):
+    from edge_prism.refactor import stream
+
+    monkeypatch.setattr(stream, "RESIDENT_GENERATION_BYTES", 0)  # stream whatever the size
+    monkeypatch.setenv("EDGE_PRISM_CACHE", str(tmp_path / "cache"))
+    built = []
+    real = stream.streamed_model
+    monkeypatch.setattr(stream, "streamed_model", lambda *a, **kw: built.append(a) or real(*a, **kw))
+    path = _bf16_copy(tiny_checkpoint("qwen3_moe"), tmp_path / "bf16")
+    out = tmp_path / "bf16.prism"
+    refactor(path, out, dataclasses.replace(FAST, quant="none"), progress=False)
+    assert len(built) == 1  # the calibration text was written by the streamed model
+    ids = PROMPT
+    torch.testing.assert_close(edge_prism.load(out, device="cpu").logits(ids),
+                               edge_prism.load(path, device="cpu").logits(ids), rtol=1e-4, atol=1e-4)

@@ -188,14 +188,24 @@ class StreamedSafetensors:
         self._file.write(struct.pack("<Q", len(text)) + text)
         self._next = 0
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append ``name``, which must be the next entry, with its declared dtype and shape."""
+    def write(self, name: str, tensor: torch.Tensor, *, rows: torch.Tensor | None = None,
+              chunk_bytes: int = 64 << 20) -> None:
+        """Append ``name``, which must be the next entry, with its declared dtype and shape:
+        ``tensor``, or ``tensor[rows]`` (its first dimension in that order), gathered and
+        written ``chunk_bytes`` at a time, never as a whole reordered copy."""
         want, dtype, shape = self._order[self._next]
         if (name, tensor.dtype, tuple(tensor.shape)) != (want, dtype, shape):
             raise ValueError(f"expected {want} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
-        self._file.write(tensor.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
-                         if tensor.numel() else b"")
+        if rows is not None and tensor.numel():
+            step = max(1, chunk_bytes // max(tensor[0].numel() * tensor.element_size(), 1))
+            for i in range(0, rows.shape[0], step):
+                self._append(tensor[rows[i:i + step]])
+        elif tensor.numel():
+            self._append(tensor.contiguous())
         self._next += 1
+
+    def _append(self, tensor: torch.Tensor) -> None:
+        self._file.write(memoryview(tensor.view(torch.uint8).reshape(-1).numpy()))  # no bytes copy
 
     def close(self) -> Path:
         """Flush to disk (every entry must have been written)."""

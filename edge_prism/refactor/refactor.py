@@ -33,7 +33,7 @@ from edge_prism.refactor.corpus import stdlib_text
 from edge_prism.refactor.selfgen import GenerationRecipe, generated_text
 from edge_prism.refactor.partition import (SOLVERS, group_size_ok, partition, partition_objective,
                                            permutation_from_groups)
-from edge_prism.refactor.stream import calibrate_layers
+from edge_prism.refactor.stream import calibrate_layers, read_source
 from edge_prism.refactor.prism import (StreamedSafetensors, qmatrix_tensors, streamed_experts_path, check_out_dir, estimate_prism_bytes, file_stats, hash_files, is_prism,
                                          output_lock, write_prism)
 from edge_prism.spec import ModelSpec
@@ -249,9 +249,12 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
     spec = build_spec(raw.config, where=where)
     parts = parts_for(spec, cfg.sub_experts)
     cpu = torch.device("cpu")
-    reader = TensorReader(raw.tensors, path, dtype=torch.float32, device=cpu)
+    # Tensors read into private buffers, not viewed on the mapping: what the run holds is what
+    # it uses (a mapping's touched pages would stay resident, every byte of the model).
+    source = read_source(raw.tensors)
+    reader = TensorReader(source, path, dtype=torch.float32, device=cpu)
     # The same tensors in their stored bits, where the source is quantized (GGUF).
-    qreader = TensorReader(raw.tensors, path, dtype=torch.float32, device=cpu, backend=Int4Backend(cpu))
+    qreader = TensorReader(source, path, dtype=torch.float32, device=cpu, backend=Int4Backend(cpu))
     formats = [_unit_format(spec, qreader, layer, parts[layer], cfg) for layer in range(spec.num_layers)]
     files = [Path(f).resolve() for f in raw.files]
     source_sha = hash_files(files)
@@ -273,7 +276,7 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
     bar = tqdm(total=spec.num_layers, desc=f"calibrating and partitioning ({cfg.solver})", unit="layer",
                disable=not progress)
     try:
-        for layer in calibrate_layers(spec, raw.tensors, reader, chunks, collector):
+        for layer in calibrate_layers(spec, source, reader, chunks, collector):
             phase(f"partition {layer}")
             # The solver's per-swap tensor ops are too small to split: extra threads only contend.
             torch.set_num_threads(1)
@@ -306,7 +309,7 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
     phase("dense")
     dense_names = set(expected_shapes(spec)) - {n for layer in range(spec.num_layers)
                                                  for n in expert_names_shapes(spec, layer)}
-    dense = _dense_tensors(spec, raw, qreader, sorted(dense_names), cfg, store_dtype,
+    dense = _dense_tensors(spec, raw, source, qreader, sorted(dense_names), cfg, store_dtype,
                            quantized=any(formats) or cfg.quant in ("int4", "int8"), errors=errors)
     manifest = {
         "source": {"path": str(path.resolve()), "files": [str(f) for f in files],
@@ -414,7 +417,7 @@ def quantized_parts(wg: torch.Tensor, wu: torch.Tensor, wd_t: torch.Tensor, part
     return out
 
 
-def _dense_tensors(spec: ModelSpec, raw, qreader: TensorReader, names: list[str], cfg: RefactorConfig,
+def _dense_tensors(spec: ModelSpec, raw, source, qreader: TensorReader, names: list[str], cfg: RefactorConfig,
                    store_dtype: torch.dtype, *, quantized: bool, errors: dict[str, list[float]]) -> dict:
     """The always-resident tensors to store: quantized ones keep their bits (or, from a float
     source with --quant int4/int8/auto, every projection is quantized: attention and shared
@@ -433,12 +436,12 @@ def _dense_tensors(spec: ModelSpec, raw, qreader: TensorReader, names: list[str]
             if name in ("model.embed_tokens.weight", "lm_head.weight"):
                 kind = "int8"
             if shape[1] % cfg.group_size == 0 and not hasattr(raw.tensors, "quantized"):
-                q, err = QMatrix.quantize_measured(raw.tensors.get(name), kind, cfg.group_size)
+                q, err = QMatrix.quantize_measured(source.get(name), kind, cfg.group_size)
                 errors.setdefault("dense", []).append(err)
         if q is not None:
             out.update(qmatrix_tensors(name, q))
         else:
-            out[name] = raw.tensors.get(name).to(store_dtype)
+            out[name] = source.get(name).to(store_dtype)
     return out
 
 

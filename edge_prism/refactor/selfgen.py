@@ -24,10 +24,15 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from edge_prism.errors import ConfigError
+from edge_prism.paths import cache_root
+from edge_prism.refactor.stream import source_engine
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1  # bump when the way text is made changes: cached text is then remade
+# Bump when the way text is made changes: cached text is then remade. 2: a model over
+# stream.RESIDENT_GENERATION_BYTES writes it with its experts streamed (bfloat16 compute over
+# 16-bit weights), no longer fully resident in float32.
+RECIPE_VERSION = 2
 
 # (register, prompt). Calibration only: tuning used DEV_PROMPTS, and evaluation uses real
 # text from other sources (edge_prism.refactor.corpus.heldout_text).
@@ -126,8 +131,6 @@ class GenerationRecipe:
 def cache_dir() -> Path:
     """Where generated calibration text is kept: ``calibration/`` in the cache of built prism
     checkpoints (``$EDGE_PRISM_CACHE``, else the user cache)."""
-    from edge_prism.api import cache_root
-
     return cache_root() / "calibration"
 
 
@@ -151,9 +154,16 @@ def generated_text(model: Path, model_sha256: str, recipe: GenerationRecipe, *, 
 
 
 def _generate(model: Path, recipe: GenerationRecipe, *, progress: bool) -> str:
-    from edge_prism.api import RuntimeConfig, load_with
+    # A small model runs fully resident, as load() builds it; a larger one streams its
+    # experts from the files (bounded memory: refactor.stream.source_engine).
+    engine = source_engine(model)
+    try:
+        return _write(engine, recipe, progress=progress)
+    finally:
+        engine.close()
 
-    engine = load_with(model, RuntimeConfig(device="cpu"))
+
+def _write(engine, recipe: GenerationRecipe, *, progress: bool) -> str:
     tok = engine.tokenizer
     chat = bool(tok.chat_template)
     prompts = PROMPT_SETS[recipe.prompts]
