@@ -184,8 +184,14 @@ class _Collector:
     def _add(self, key: tuple[int, int], xe: torch.Tensor) -> None:
         seen = self.seen.get(key, 0)
         buf = self.rows.get(key)
-        if buf is None:
-            buf = self.rows[key] = torch.empty(self.cap, xe.shape[1])
+        need = min(self.cap, seen + xe.shape[0])
+        if buf is None or buf.shape[0] < need:
+            # Grown to what is kept (doubling, at most cap rows): an expert that sees a few
+            # tokens holds a few rows, not cap x hidden floats.
+            grown = torch.empty(min(self.cap, max(need, 2 * (0 if buf is None else buf.shape[0]), 64)), xe.shape[1])
+            if buf is not None:
+                grown[:min(seen, self.cap)] = buf[:min(seen, self.cap)]
+            buf = self.rows[key] = grown
         take = min(self.cap - seen, xe.shape[0]) if seen < self.cap else 0
         buf[seen:seen + take] = xe[:take]
         # Reservoir sampling for the rest: row i (0-based overall) replaces a random slot
@@ -282,11 +288,13 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
             torch.set_num_threads(1)
             try:
                 blocks, order, layer_gates, obj = _refactor_layer(spec, reader, qreader, collector, layer,
-                                                                  parts[layer], cfg, formats[layer], errors)
+                                                                  parts[layer], cfg, formats[layer], errors,
+                                                                  store_dtype=store_dtype)
             finally:
                 torch.set_num_threads(threads)
-            writer.write(f"layers.{layer}.blocks", blocks if formats[layer] else blocks.to(store_dtype))
+            writer.write(f"layers.{layer}.blocks", blocks, rows=order)  # hottest first, no reordered copy
             writer.write(f"layers.{layer}.order", order)
+            del blocks
             gates.update({f"layers.{layer}.{k}": v for k, v in layer_gates.items()})
             for k, v in obj.items():
                 objective[k] += v
@@ -457,11 +465,14 @@ def _tokenizer_files(path: Path) -> str:
 
 
 def _refactor_layer(spec: ModelSpec, reader: TensorReader, qreader: TensorReader, col: _Collector, layer: int,
-                    parts: int, cfg: RefactorConfig, fmt: UnitFormat | None, errors: dict[str, list[float]]):
+                    parts: int, cfg: RefactorConfig, fmt: UnitFormat | None, errors: dict[str, list[float]], *,
+                    store_dtype: torch.dtype = torch.float32):
+    """One layer's blocks in expert order (float ones in ``store_dtype``: one layer's experts as
+    stored, not a float32 copy), their storage order (hottest first), gates and objective."""
     f = spec.ffn[layer]
     n, D = f.width // parts, spec.hidden_size
     keep = max(1, math.ceil(cfg.keep_fraction * parts))
-    blocks = (torch.empty(f.num_experts * parts, 3, n, D) if fmt is None
+    blocks = (torch.empty(f.num_experts * parts, 3, n, D, dtype=store_dtype) if fmt is None
               else torch.empty(f.num_experts * parts, fmt.nbytes, dtype=torch.uint8))
     freq = torch.zeros(f.num_experts * parts)
     perms = torch.empty(f.num_experts, f.width, dtype=torch.int64)
@@ -523,4 +534,4 @@ def _refactor_layer(spec: ModelSpec, reader: TensorReader, qreader: TensorReader
         "linear.weight": torch.stack(lin_w).to(torch.float32),
         "linear.bias": torch.stack(lin_b).to(torch.float32),
     }
-    return blocks[unit_order], unit_order, layer_gates, obj
+    return blocks, unit_order, layer_gates, obj
