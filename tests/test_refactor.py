@@ -220,9 +220,8 @@ def test_streamed_source_model_computes_what_the_resident_one_does(family, tiny_
     raw = open_checkpoint(path)
     model = streamed_model(build_spec(raw.config, where=str(path)), read_source(raw.tensors), path)
     assert model.dtype == torch.float32  # float32 weights: float32 compute
-    ids = torch.tensor(PROMPT)
-    ref = tiny_engines(family).model.forward(ids, all_logits=True)
-    assert rel_err(model.forward(ids, all_logits=True), ref) < 1e-5
+    ref = tiny_engines(family).logits(PROMPT)  # from an empty cache (the engine is shared)
+    assert rel_err(model.forward(torch.tensor(PROMPT), all_logits=True), ref) < 1e-5
 
 
 def test_streamed_model_of_bfloat16_weights_computes_in_bfloat16(tiny_checkpoint, tmp_path):
@@ -236,9 +235,8 @@ def test_streamed_model_of_bfloat16_weights_computes_in_bfloat16(tiny_checkpoint
     assert model.dtype == torch.bfloat16
     held = [lw.wqkv.w for lw in model.w.layers] + [lw.wo.w for lw in model.w.layers] + [model.w.lm_head.w]
     assert all(t.dtype == torch.bfloat16 for t in held)  # no float32 copies
-    ids = torch.tensor(PROMPT)
-    ref = edge_prism.load(path, device="cpu").model.forward(ids, all_logits=True)  # float32, same weights
-    assert rel_err(model.forward(ids, all_logits=True).float(), ref) < 0.05
+    ref = edge_prism.load(path, device="cpu").logits(PROMPT)  # float32, the same weights
+    assert rel_err(model.forward(torch.tensor(PROMPT), all_logits=True).float(), ref) < 0.05
 
 
 def test_streamed_writer_writes_rows_in_the_given_order(tmp_path):
