@@ -226,7 +226,7 @@ class QuantUnits:
         act = F.silu(h[..., :n]) * h[..., n:]  # [P, T, n] in bfloat16, the kernels' own precision
         if wt is not None:
             act = act * wt[:, :, None].to(act.dtype)
-        ys = torch.stack([raw(act[p], views[s][1]) for p, s in enumerate(ids)])  # [P, T, R_dn]
+        ys = torch.stack([raw(a, views[s][1]) for a, s in zip(act.unbind(0), ids)])  # [P, T, R_dn]
         y = ys.sum(0, dtype=torch.float32)  # [T, R_dn]
         return fold_planes(y, fmt.dn_planes, fmt.hidden).to(x.dtype)  # [T, D]
 

@@ -152,8 +152,8 @@ def transfer_lanes(store) -> int | None:
     An asynchronous device (CUDA): 1. Every demand copy runs on the one demand copy stream,
     first in first out, whether issued straight from a RAM tier (the direct path) or by a
     worker after its pread into pinned staging (whose reads overlap the copies: a per-miss
-    time the one-lane fit learns). The CPU: the worker count, each worker reading a block
-    straight into its slot.
+    time the one-lane fit learns). The CPU: the workers and the waiting compute thread, each
+    reading a block straight into its slot.
 
     Stores that load nothing (everything resident) have no ``load_lanes``.
     """

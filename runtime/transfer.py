@@ -351,9 +351,9 @@ class Transferer:
     @property
     def lanes(self) -> int:
         """Missing blocks loaded at once: 1 on an asynchronous device (every demand copy runs
-        on the one demand stream, in order), the worker count on the CPU (each worker reads
-        a block straight into its slot)."""
-        return 1 if self._async else len(self._threads)
+        on the one demand stream, in order); on the CPU the workers and the waiting compute
+        thread (see :meth:`wait`), each reading a block straight into its slot."""
+        return 1 if self._async else len(self._threads) + 1
 
     def submit(self, index: int, slot: int, *, speculative: bool = False) -> Ticket:
         """Start moving block ``index`` into ``slot``; returns at once.
@@ -382,9 +382,11 @@ class Transferer:
         """Make compute wait for ``tickets``; returns seconds the host blocked in here.
 
         Speculative tickets still queued become demand loads. CPU: blocks until the blocks
-        are in their slots. Asynchronous devices: blocks only until the copies are issued
-        (file reads done), then makes compute wait on their events; the time compute then
-        stalls is in :meth:`stall_seconds`. Raises the error of a failed transfer.
+        are in their slots, reading queued demand loads itself beside the workers (the
+        compute thread has nothing else to do, and on a CPU its core is idle while it
+        waits). Asynchronous devices: blocks only until the copies are issued (file reads
+        done), then makes compute wait on their events; the time compute then stalls is in
+        :meth:`stall_seconds`. Raises the error of a failed transfer.
         """
         tickets = list(tickets)
         start = time.perf_counter()
@@ -395,6 +397,20 @@ class Transferer:
                 if t.state == QUEUED and t.speculative:
                     self._promote(t)
             while any(t.state in (QUEUED, RUNNING) for t in tickets):
+                ticket = None if self._async else _ready(q.demand)
+                if ticket is not None:
+                    q.demand.remove(ticket)
+                    ticket.state = RUNNING
+                    q.cv.release()
+                    try:
+                        self._run(ticket)
+                    except BaseException as err:  # handed to whoever waits on the ticket
+                        with q.cv:
+                            ticket.error, ticket.state, ticket.prev = err, FAILED, None
+                            q.cv.notify_all()
+                    finally:
+                        q.cv.acquire()
+                    continue
                 q.cv.wait()
             for t in tickets:
                 if t.state == FAILED:
@@ -543,6 +559,14 @@ class Transferer:
             with q.cv:
                 q.staging.append((buffer, buffer_handle))
                 q.cv.notify_all()
+
+
+def _ready(queue: deque[Ticket]) -> Ticket | None:
+    """The first queued ticket not held back by an earlier transfer into its slot."""
+    for t in queue:
+        if t.prev is None or t.prev.state not in (QUEUED, RUNNING):
+            return t
+    return None
 
 
 def _worker(ref: "weakref.ref[Transferer]", q: _Queue) -> None:

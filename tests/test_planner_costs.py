@@ -154,14 +154,14 @@ def test_lanes_come_from_the_store_then_from_the_cost_models_workers():
     assert _planner(1.0, ready=ready, lanes=None, workers=3).load_lanes == 3
 
 
-def test_planner_for_takes_the_cpu_stores_worker_count(prism_of, min_budget):
+def test_planner_for_takes_the_cpu_stores_reader_count(prism_of, min_budget):
     path = prism_of("olmoe")
     engine = edge_prism.load(path, memory_budget=min_budget(path), token_latency_ms=1000)
     store = engine.model.store
-    workers = {len(p.transfer._threads) for p in store._pools.values()}
-    assert {p.transfer.lanes for p in store._pools.values()} == workers  # CPU: each worker reads into a slot
-    assert engine.model.planner.load_lanes == transfer_lanes(store) == store.load_lanes() == min(workers)
-    assert engine.stats["load_lanes"] == min(workers)
+    readers = {len(p.transfer._threads) + 1 for p in store._pools.values()}  # CPU: workers and the waiting thread
+    assert {p.transfer.lanes for p in store._pools.values()} == readers
+    assert engine.model.planner.load_lanes == transfer_lanes(store) == store.load_lanes() == min(readers)
+    assert engine.stats["load_lanes"] == min(readers)
 
 
 # -- fitting ---------------------------------------------------------------------------------

@@ -210,9 +210,11 @@ class SlowFirstTier:
 
     def __init__(self) -> None:
         self.reads: list[int] = []
+        self.started = False
 
     def read_into(self, index: int, dst: torch.Tensor) -> None:
         if index == 0:
+            self.started = True
             time.sleep(0.2)
         dst.fill_(index)
         self.reads.append(index)
@@ -230,6 +232,21 @@ def test_transfers_into_the_same_slot_land_in_submission_order():
         transferer.wait([first, second])
     assert torch.all(pool.slot(1) == 5)
     assert tier.reads.index(0) < tier.reads.index(5)
+
+
+def test_on_the_cpu_the_waiting_thread_reads_queued_demand_loads_itself():
+    pool = SlotPool(2, (4,), torch.float32, CPU)
+    tier = SlowFirstTier()
+    with Transferer(pool, tier, CPU, workers=1) as transferer:
+        slow = transferer.submit(0, 0)  # the one worker is busy with this for 0.2 s
+        while not tier.started:
+            time.sleep(0.001)
+        fast = transferer.submit(3, 1)
+        transferer.wait([fast])
+        assert fast.done() and not slow.done()  # read by this thread, not queued behind the worker
+        transferer.wait([slow])
+    assert torch.all(pool.slot(1) == 3) and torch.all(pool.slot(0) == 0)
+    assert tier.reads == [3, 0]
 
 
 class FailingTier:
