@@ -222,18 +222,19 @@ class StreamedSafetensors:
         self.path.unlink(missing_ok=True)
 
 
-def streamed_experts_path(out: Path) -> Path:
-    """Where a refactoring streams experts.safetensors before the checkpoint is assembled
-    (named like the writer's temporary files, so that the next writer cleans it up after a kill)."""
-    return Path(out).parent / f".{Path(out).name}.tmp-{os.getpid()}-experts"
+def streamed_experts_path(out: Path, kind: str = "experts") -> Path:
+    """Where a refactoring streams experts.safetensors (``kind`` "gates": gates.safetensors)
+    before the checkpoint is assembled (named like the writer's temporary files, so that the
+    next writer cleans it up after a kill)."""
+    return Path(out).parent / f".{Path(out).name}.tmp-{os.getpid()}-{kind}"
 
 
 def write_prism(out: Path, *, manifest: dict, dense: dict[str, torch.Tensor],
-                experts: dict[str, torch.Tensor] | Path, gates: dict[str, torch.Tensor], force: bool,
+                experts: dict[str, torch.Tensor] | Path, gates: dict[str, torch.Tensor] | Path, force: bool,
                 extra: Callable[[Path], None] | None = None) -> None:
     """Write a prism checkpoint atomically (same inputs give the same bytes).
 
-    ``experts``: the tensors, or an experts.safetensors already written (StreamedSafetensors),
+    ``experts``, ``gates``: the tensors, or a file already written (StreamedSafetensors),
     moved into the checkpoint. ``extra(dir)`` writes further files (the tokenizer) into the
     directory before it is renamed into place. Every file listed in ``file_sizes`` gets its
     sha256 in ``file_sha256``.

@@ -272,12 +272,14 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
     store_dtype = raw.tensors.get(next(iter(expert_names_shapes(spec, 0)))).dtype
     phase("calibration 0")
     collector = _Collector(spec, cfg.rows_per_expert, cfg.seed)
-    gates, objective = {}, {s: 0.0 for s in ("contiguous", cfg.solver)}
+    objective = {s: 0.0 for s in ("contiguous", cfg.solver)}
     errors: dict[str, list[float]] = {"gate_up": [], "down": []}
-    # Layer by layer: calibrate it (its weights read from the memory-mapped source), partition
-    # it, append its blocks to experts.safetensors, forget it. Peak memory stays near one
-    # layer's experts whatever the model's size.
+    # Layer by layer: calibrate it (its weights read from the source files), partition it,
+    # append its blocks to experts.safetensors and its gates to gates.safetensors, forget it.
+    # Peak memory stays near one layer's experts whatever the model's size (the gates alone
+    # are ~72 MiB a layer at the Qwen3-30B-A3B shape: 3.4 GiB for 48 layers).
     writer = StreamedSafetensors(streamed_experts_path(out), _expert_entries(spec, parts, formats, store_dtype))
+    gate_writer = StreamedSafetensors(streamed_experts_path(out, "gates"), _gate_entries(spec, parts, cfg))
     threads = torch.get_num_threads()
     bar = tqdm(total=spec.num_layers, desc=f"calibrating and partitioning ({cfg.solver})", unit="layer",
                disable=not progress)
@@ -295,24 +297,28 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
             writer.write(f"layers.{layer}.blocks", blocks, rows=order)  # hottest first, no reordered copy
             writer.write(f"layers.{layer}.order", order)
             del blocks
-            gates.update({f"layers.{layer}.{k}": v for k, v in layer_gates.items()})
+            for k in _LAYER_GATES:
+                gate_writer.write(f"layers.{layer}.{k}", layer_gates[k])
+            del layer_gates
             for k, v in obj.items():
                 objective[k] += v
             collector.release(layer)
             bar.update()
             if layer + 1 < spec.num_layers:
                 phase(f"calibration {layer + 1}")
+        for (layer, d), stats in sorted(collector.drift.items()):
+            scale, bias = fit_correction(stats)
+            gate_writer.write(f"layers.{layer}.predict.{d}.scale", scale)
+            gate_writer.write(f"layers.{layer}.predict.{d}.bias", bias)
+        gates = gate_writer.close()
         experts = writer.close()
     except BaseException:
         writer.abort()
+        gate_writer.abort()
         raise
     finally:
         bar.close()
     objective = {k: v / max(collector.tokens, 1) for k, v in objective.items()}
-    for (layer, d), stats in sorted(collector.drift.items()):
-        scale, bias = fit_correction(stats)
-        gates[f"layers.{layer}.predict.{d}.scale"] = scale
-        gates[f"layers.{layer}.predict.{d}.bias"] = bias
 
     phase("dense")
     dense_names = set(expected_shapes(spec)) - {n for layer in range(spec.num_layers)
@@ -349,6 +355,7 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
                     extra=raw.tokenizer.save)
     finally:
         experts.unlink(missing_ok=True)  # moved into the checkpoint, or left by a failure
+        gates.unlink(missing_ok=True)
     return RefactorReport(out=out, seconds=time.perf_counter() - start, calib_tokens=collector.tokens,
                           objective=objective)
 
@@ -363,6 +370,24 @@ def _expert_entries(spec: ModelSpec, parts: list[int], formats: list, store_dtyp
         else:
             out.append((f"layers.{layer}.blocks", torch.uint8, (U, fmt.nbytes)))
         out.append((f"layers.{layer}.order", torch.int64, (U,)))
+    return out
+
+
+_LAYER_GATES = ("perm", "frequency", "proxy.rows", "linear.weight", "linear.bias")
+
+
+def _gate_entries(spec: ModelSpec, parts: list[int], cfg: RefactorConfig) -> list:
+    """(name, dtype, shape) of every tensor of gates.safetensors, in the order they are written:
+    per layer its _LAYER_GATES (as _refactor_layer makes them), then the predictor's corrections."""
+    out, D = [], spec.hidden_size
+    for layer, (f, S) in enumerate(zip(spec.ffn, parts)):
+        E, name = f.num_experts, f"layers.{layer}."
+        out += [(name + "perm", torch.int64, (E, f.width)), (name + "frequency", torch.float32, (E * S,)),
+                (name + "proxy.rows", torch.float32, (E, S, cfg.gate_neurons, 2, D)),
+                (name + "linear.weight", torch.float32, (E, D, S)), (name + "linear.bias", torch.float32, (E, S))]
+    L = spec.num_layers
+    for layer, d in sorted((layer, d) for layer in range(L) for d in (1, 2) if layer + d < L):
+        out += [(f"layers.{layer}.predict.{d}.{k}", torch.float32, (D,)) for k in ("scale", "bias")]
     return out
 
 
