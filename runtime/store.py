@@ -31,7 +31,7 @@ from edge_prism.types import SubExpertId
 from .device import host_available_bytes, host_buffer, is_async, is_integrated
 from .policy import ResidencyPolicy
 from .sizes import format_size
-from .transfer import FileTier, HostTier, MemoryTier, SlotPool, Ticket, Transferer
+from .transfer import FileTier, HostTier, MappedFileTier, MemoryTier, SlotPool, Ticket, Transferer
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,9 @@ def prism_tiers(path, device: torch.device, *, host: str = "auto", formats: dict
 
     def make(group: list[LayerBlocks], offsets: list[int], nbytes: int) -> HostTier:
         lb0 = group[0]
-        tier: HostTier = FileTier(path, offsets, nbytes, lb0.stored_dtype, lb0.block_shape)
+        # The CPU copies every miss out of the page cache: from a memory map, without a read call.
+        file_tier = FileTier if is_async(device) else MappedFileTier
+        tier: HostTier = file_tier(path, offsets, nbytes, lb0.stored_dtype, lb0.block_shape)
         fmts = [(formats or {}).get(lb.layer) for lb in group for _ in range(lb.units)]
         if all(fmts) and backend is not None and backend.native_blocks:
             pass  # the kernel reads blocks as stored: straight from the file into a slot

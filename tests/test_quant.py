@@ -166,7 +166,7 @@ def test_a_native_backend_reads_stored_blocks_as_its_own_packing():
 
 def test_native_blocks_stream_from_the_file_without_a_conversion_tier(tmp_path):
     from edge_prism.runtime.store import ConvertingTier, LayerBlocks, prism_tiers
-    from edge_prism.runtime.transfer import FileTier
+    from edge_prism.runtime.transfer import MappedFileTier
 
     fmt = UnitFormat(n=32, hidden=64, gu_planes=1, dn_planes=1, group=32)
     blocks = torch.stack(_units(fmt, 3))
@@ -177,7 +177,7 @@ def test_native_blocks_stream_from_the_file_without_a_conversion_tier(tmp_path):
     for backend in BACKENDS:
         make = prism_tiers(path, torch.device("cpu"), formats={0: fmt}, backend=backend)
         tier = make([lb], [i * fmt.nbytes for i in range(3)], fmt.nbytes)
-        assert isinstance(tier, FileTier if backend.native_blocks else ConvertingTier)
+        assert isinstance(tier, MappedFileTier if backend.native_blocks else ConvertingTier)
         got = torch.empty(fmt.nbytes, dtype=torch.uint8)
         tier.read_into(2, got)
         want = torch.empty_like(got)

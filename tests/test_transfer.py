@@ -12,7 +12,7 @@ import torch
 
 from edge_prism.errors import ConfigError, CorruptCheckpointError, PrismCheckpointError
 from edge_prism.runtime.device import is_pinned, pin, resolve_device
-from edge_prism.runtime.transfer import FileTier, HostTier, MemoryTier, SlotPool, Transferer
+from edge_prism.runtime.transfer import FileTier, HostTier, MappedFileTier, MemoryTier, SlotPool, Transferer
 
 CPU = torch.device("cpu")
 SHAPE = (3, 8, 16)  # like a packed sub-expert: gate rows, up rows, down columns
@@ -154,10 +154,15 @@ def test_memory_tier_reads_blocks():
 
 
 def make_tier(kind: str, tmp_path, blocks: torch.Tensor):
+    if kind == "mapped":
+        path = tmp_path / "mapped.bin"
+        offsets = write_blocks(path, blocks)
+        return MappedFileTier(path, offsets, blocks[0].numel() * blocks.element_size(), blocks.dtype,
+                              tuple(blocks.shape[1:]))
     return MemoryTier(blocks) if kind == "memory" else file_tier(tmp_path, blocks)
 
 
-@pytest.mark.parametrize("kind", ["memory", "file"])
+@pytest.mark.parametrize("kind", ["memory", "file", "mapped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_transferer_moves_right_blocks_into_right_slots(tmp_path, kind, dtype):
     blocks = random_blocks(40, dtype)
@@ -247,6 +252,20 @@ def test_on_the_cpu_the_waiting_thread_reads_queued_demand_loads_itself():
         transferer.wait([slow])
     assert torch.all(pool.slot(1) == 3) and torch.all(pool.slot(0) == 0)
     assert tier.reads == [3, 0]
+
+
+def test_a_mapped_tier_refuses_what_a_file_tier_refuses(tmp_path):
+    blocks = random_blocks(4, torch.float32)
+    path = tmp_path / "short.bin"
+    offsets = write_blocks(path, blocks)
+    with open(path, "r+b") as f:
+        f.truncate(3 * blocks[0].numel() * 4 + 8)
+    with pytest.raises(CorruptCheckpointError, match="truncated"):
+        MappedFileTier(path, offsets, blocks[0].numel() * 4, torch.float32, tuple(blocks.shape[1:]))
+    tier = make_tier("mapped", tmp_path, blocks)
+    with pytest.raises(ValueError, match="contiguous host"):
+        tier.read_into(0, torch.empty(3))
+    tier.close()
 
 
 class FailingTier:
