@@ -444,8 +444,9 @@ def test_b_disk_full_while_writing_keeps_the_previous_output(capsys, prism_of, t
     calls = []
 
     def fill_up(*args, **kwargs):
+        # The dense weights: written whole after the streamed experts and gates.
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 1:
             raise error if isinstance(error, OSError) else SafetensorError(
                 "Error while serializing: I/O error: No space left on device (os error 28)")
         return real(*args, **kwargs)
