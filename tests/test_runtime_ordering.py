@@ -30,7 +30,7 @@ from edge_prism.errors import CorruptCheckpointError
 from edge_prism.runtime import transfer as transferlib
 from edge_prism.runtime.device import DeviceBuffer, emulate
 from edge_prism.runtime.store import BudgetedStore, LayerBlocks
-from edge_prism.runtime.transfer import FileTier, MemoryTier, Transferer
+from edge_prism.runtime.transfer import FileTier, MappedFileTier, MemoryTier, Transferer
 
 CPU = torch.device("cpu")
 PROMPT = list(range(70, 94))
@@ -173,7 +173,8 @@ def test_a_failed_load_is_loaded_again(olmoe, reference, min_budget, monkeypatch
         engine = edge_prism.load(olmoe, memory_budget=min_budget(olmoe), prefetch=False)
         engine.logits(PROMPT)
         for n in (1, 4):
-            restore = _interrupt_at(monkeypatch, FileTier, "read_into", n,
+            # The CPU copies blocks out of a memory map; the (emulated) GPU reads into staging.
+            restore = _interrupt_at(monkeypatch, FileTier if emulated else MappedFileTier, "read_into", n,
                                     CorruptCheckpointError("injected read error"))
             with pytest.raises(CorruptCheckpointError):
                 engine.logits(list(reversed(PROMPT)))  # another selection: misses
