@@ -34,9 +34,10 @@ Inside a sub-expert block (``UnitFormat``: what the prism's experts file holds a
 streams into a slot) each tile is stored transposed, bytes [R/64, K, 32]: the same portable
 bits in k-major order. That order is fixed by this format, whatever the CPU; where the
 running kernel's packing is exactly it (``Int4Backend.native_blocks``, probed: AVX-512
-CPUs) a streamed block is read from the file straight into its slot with no conversion.
-Measured on the default model's 104 KB blocks (2-core AVX-512 EPYC): 22 us per block
-read, against 22 + 74 us when every miss was re-tiled on its way in.
+CPUs) a streamed block is copied from the file straight into its slot with no conversion.
+Measured on the default model's 104 KB blocks (2-core AVX-512 EPYC): 7 us per block from
+the memory-mapped page cache (runtime.transfer.MappedFileTier), against a 22 us read plus
+74 us of re-tiling when every miss was converted on its way in.
 """
 
 from __future__ import annotations
