@@ -168,7 +168,7 @@ def planner_for(model, *, budget_s: float, device: torch.device, dtype: torch.dt
     signature = (f"{s.family}-L{s.num_layers}-D{s.hidden_size}-W{max(f.width for f in s.ffn)}-"
                  f"S{max(model.parts)}-{str(dtype).removeprefix('torch.')}")
     cost = measure_cost_model(model, device=device, signature=signature)
-    return LatencyPlanner(model, model.store, cost, budget_s=budget_s, load_lanes=transfer_lanes(model.store))
+    return LatencyPlanner(model, model.store, cost, budget_s=budget_s)  # lanes from the store
 
 
 def _timed(fn, repeats: int, device: torch.device) -> float:
@@ -421,8 +421,7 @@ class LatencyPlanner:
 
     def __init__(self, model, store, cost: CostModel, *, budget_s: float, load_lanes: int | None = None):
         """``load_lanes``: how many missing sub-experts the store's transfer engine loads at
-        once (see :func:`transfer_lanes`, which planner_for passes); None: what the store's
-        transfer engines say, else ``cost.workers``."""
+        once; None: what the store says (:func:`transfer_lanes`), else ``cost.workers``."""
         self.model, self.store, self.cost, self.budget_s = model, store, cost, budget_s
         self.L = model.spec.num_layers
         if load_lanes is None:

@@ -173,9 +173,9 @@ def prism_tiers(path, device: torch.device, *, host: str = "auto", formats: dict
         file_tier = FileTier if is_async(device) else MappedFileTier
         tier: HostTier = file_tier(path, offsets, nbytes, lb0.stored_dtype, lb0.block_shape)
         fmts = [(formats or {}).get(lb.layer) for lb in group for _ in range(lb.units)]
-        if all(fmts) and backend is not None and backend.native_blocks:
-            pass  # the kernel reads blocks as stored: straight from the file into a slot
-        elif any(fmts):
+        # Where the kernel reads blocks as stored, they go straight from the file into a slot.
+        native = all(fmts) and backend is not None and backend.native_blocks
+        if any(fmts) and not native:
             tier = ConvertingTier(tier, [functools.partial(f.to_kernel, backend=backend) for f in fmts])
         elif lb0.stored_dtype != lb0.dtype:
             tier = ConvertingTier(tier, [_cast] * len(offsets), storage_dtype=lb0.stored_dtype)

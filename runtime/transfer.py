@@ -131,8 +131,7 @@ class FileTier:
                     f"{self.block_shape} is {self.block_nbytes}; re-create the prism checkpoint"
                 )
         try:
-            # O_BINARY: Windows opens in text mode otherwise (CRLF and Ctrl-Z translated).
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+            fd = open_binary(self.path)
         except OSError as err:
             raise PrismCheckpointError(
                 f"cannot open {self.path}: {err.strerror}; check the path or re-create the prism checkpoint"
@@ -169,15 +168,10 @@ class FileTier:
         self._check(dst)
         # numpy has no bfloat16, so reads go through a byte view of the same memory.
         target = memoryview(dst.detach().reshape(-1).view(torch.uint8).numpy())
-        offset = self.offsets[index]
-        done = 0
-        while done < self.block_nbytes:
-            n = _read_at(self._fd, target[done:], offset + done, self._seek_lock)
-            if n == 0:
-                raise CorruptCheckpointError(
-                    f"{self.path}: unexpected end of file in block {index}; re-create the prism checkpoint"
-                )
-            done += n
+        if read_fully(self._fd, target, self.offsets[index], self._seek_lock) < self.block_nbytes:
+            raise CorruptCheckpointError(
+                f"{self.path}: unexpected end of file in block {index}; re-create the prism checkpoint"
+            )
 
     def close(self) -> None:
         """Close the file; the tier cannot read afterwards."""
@@ -450,11 +444,7 @@ class Transferer:
                     ticket.state = RUNNING
                     q.cv.release()
                     try:
-                        self._run(ticket)
-                    except BaseException as err:  # handed to whoever waits on the ticket
-                        with q.cv:
-                            ticket.error, ticket.state, ticket.prev = err, FAILED, None
-                            q.cv.notify_all()
+                        self._serve(ticket)
                     finally:
                         q.cv.acquire()
                     continue
@@ -575,6 +565,16 @@ class Transferer:
         self.bytes_moved += self.pool.slot_nbytes
         self._q.cv.notify_all()
 
+    def _serve(self, ticket: Ticket) -> None:
+        """Run ``ticket`` (state RUNNING; called without the lock); a failure is handed to
+        whoever waits on it."""
+        try:
+            self._run(ticket)
+        except BaseException as err:
+            with self._q.cv:
+                ticket.error, ticket.state, ticket.prev = err, FAILED, None
+                self._q.cv.notify_all()
+
     def _run(self, ticket: Ticket) -> None:
         """A worker moves ``ticket`` (state RUNNING; called without the lock)."""
         q = self._q
@@ -631,11 +631,7 @@ def _worker(ref: "weakref.ref[Transferer]", q: _Queue) -> None:
         if transferer is None:
             return
         try:
-            transferer._run(ticket)
-        except BaseException as err:  # handed to whoever waits on the ticket
-            with q.cv:
-                ticket.error, ticket.state, ticket.prev = err, FAILED, None
-                q.cv.notify_all()
+            transferer._serve(ticket)
         finally:
             del transferer
 
@@ -681,6 +677,25 @@ def _stop(q: _Queue) -> None:
                 t.state, t.prev = CANCELLED, None
             d.clear()
         q.cv.notify_all()
+
+
+def open_binary(path: str | os.PathLike) -> int:
+    """A read-only descriptor of ``path`` (not inherited; binary mode on Windows, which
+    otherwise translates CRLF and Ctrl-Z)."""
+    return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+
+
+def read_fully(fd: int, target: memoryview, offset: int, lock: threading.Lock) -> int:
+    """Fill ``target`` from byte ``offset`` of ``fd`` (positioned reads, safe across threads;
+    seek and read under ``lock`` where the OS has none); returns the bytes read, fewer than
+    ``len(target)`` only at the end of the file."""
+    done = 0
+    while done < len(target):
+        n = _read_at(fd, target[done:], offset + done, lock)
+        if n == 0:
+            break
+        done += n
+    return done
 
 
 def _read_at(fd: int, target: memoryview, offset: int, lock: threading.Lock) -> int:

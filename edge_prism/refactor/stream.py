@@ -22,6 +22,7 @@ every selected expert read from the files when a token uses it.
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -38,6 +39,7 @@ from edge_prism.loaders import open_checkpoint
 from edge_prism.model import Transformer, Weights, _rms
 from edge_prism.plain import build_plain
 from edge_prism.quant import backend_for
+from edge_prism.runtime.transfer import open_binary, read_fully
 from edge_prism.spec import ModelSpec
 
 # A source whose weights, as a fully resident engine holds them, take at most this many
@@ -57,6 +59,7 @@ class ReadSource:
     def __init__(self, source):
         self.source = source
         self._fds: dict[Path, int] = {}
+        self._seek_lock = threading.Lock()  # platforms without positioned reads (Windows)
         self._close = weakref.finalize(self, _close_all, self._fds)
 
     def names(self) -> list[str]:
@@ -100,13 +103,11 @@ class ReadSource:
     def _read(self, path: Path, buf: torch.Tensor, offset: int) -> None:
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        view, done = memoryview(buf.numpy()).cast("B"), 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise OSError(f"{path}: short read at offset {offset + done}")
-            done += n
+            fd = self._fds[path] = open_binary(path)
+        view = memoryview(buf.numpy()).cast("B")
+        got = read_fully(fd, view, offset, self._seek_lock)
+        if got < len(view):
+            raise OSError(f"{path}: short read at offset {offset + got}")
 
 
 def _close_all(fds: dict) -> None:
