@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from edge_prism.build import TensorReader, build_layer, check_shapes, expected_shapes, expert_matrices
 from edge_prism.engine import Engine
 from edge_prism.families import FAMILIES, build_spec
-from edge_prism.kernels import FloatLinear
+from edge_prism.kernels import FloatLinear, RowLinear
 from edge_prism.loaders import open_checkpoint
 from edge_prism.model import Transformer, Weights, _rms
 from edge_prism.plain import build_plain
@@ -149,22 +149,6 @@ class _LazyExperts:
             y = F.linear(act, wd_t.t())  # [R, D]
             out[rows] += y if w is None else y * w
         return out
-
-
-class RowLinear:
-    """y = x @ W^T over W kept row-major [out, in] (F.linear): a streamed bfloat16 model's
-    float linears. model.transposed's [in, out] layout is the faster one in float32, but in
-    bfloat16 x @ W_t took ~8 ms for a 2048 x 5120 matrix out of cache, 2.6 GB/s (torch 2.13)."""
-
-    def __init__(self, w: torch.Tensor):
-        self.w = w
-        self.out_features = w.shape[0]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.w)  # [T, out]
-
-    def nbytes(self) -> int:
-        return self.w.numel() * self.w.element_size()
 
 
 class _RowReader(TensorReader):
