@@ -224,6 +224,8 @@ class ConvertingTier:
 class BudgetedStore:
     """An ExpertStore holding at most ``budget_bytes`` of sub-expert blocks on ``device``."""
 
+    streams = True  # sub-experts stream into the slots on demand: a Prefetcher may load them ahead
+
     def __init__(self, tiers: TierFactory, layers: Sequence[LayerBlocks], *, budget_bytes: int,
                  device: torch.device, policy: str = "lru", workers: int | None = None, pin_hot: bool = True):
         self.device = device
