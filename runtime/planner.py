@@ -450,6 +450,12 @@ class LatencyPlanner:
         self.host_computed = 0
         self.tokens = 0
 
+    def set_budget(self, budget_s: float) -> None:
+        """Plan for ``budget_s`` per token from now on: the fitted costs stay, the slack (learnt
+        against the old budget) and the drop counters start again."""
+        self.budget_s, self.slack_s = budget_s, 0.0
+        self.reset_stats()
+
     def start_token(self) -> None:
         """A decode token begins now."""
         self._t0 = time.perf_counter()
