@@ -380,7 +380,7 @@ class Worker:
         self._busy = False
         self._stopping = False
         self._running: Job | None = None
-        self._loaded_point = getattr(engine.model, "operating_point", None)
+        self._loaded_point = engine.model.operating_point
         self._loaded_latency = engine.stats.get("token_latency_budget_ms")
         self._point, self._latency = self._loaded_point, self._loaded_latency
 
@@ -511,18 +511,13 @@ class Worker:
             pieces.close()  # frees the engine: the generator stops where it is
 
     def _apply_runtime(self, req: GenerationRequest) -> None:
-        """Per-request operating point and token-latency budget (where the engine can change them)."""
+        """Per-request operating point and token-latency budget, set on the engine before the job runs."""
         engine = self.engine
         point = self._loaded_point if req.operating_point is None else req.operating_point
         if point != self._point:
             if self._loaded_point is None:
                 raise _invalid("operating_point", "operating_point needs a prism checkpoint; this server runs "
                                                   "a plain one (serve the output of `edge-prism refactor`)")
-            if not hasattr(engine, "set_operating_point"):
-                raise _invalid("operating_point", f"this engine cannot change the operating point per request "
-                                                  f"yet: it runs at {self._loaded_point}; leave out "
-                                                  "operating_point or restart the server with -k",
-                               code="unsupported_parameter")
             try:
                 engine.set_operating_point(point)  # forgets the KV cache: the next prompt is prefilled whole
             except EdgePrismError as e:
@@ -530,12 +525,6 @@ class Worker:
             self._point = point
         latency = self._loaded_latency if req.token_latency_ms is None else req.token_latency_ms
         if not _same(latency, self._latency):
-            if not hasattr(engine, "set_token_latency_ms"):
-                loaded = "none" if self._loaded_latency is None else f"{self._loaded_latency:g} ms"
-                raise _invalid("token_latency_ms", f"this engine cannot change the token-latency budget per "
-                                                   f"request yet (loaded: {loaded}); leave out token_latency_ms "
-                                                   "or restart the server with --token-latency-ms",
-                               code="unsupported_parameter")
             try:
                 engine.set_token_latency_ms(latency)
             except EdgePrismError as e:
@@ -1013,8 +1002,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         serve(engine, cfg, sock=sock, ready=ready)
     finally:
-        if hasattr(engine, "close"):
-            engine.close()  # transfer threads and pinned memory go before the process does
+        engine.close()  # transfer threads and pinned memory go before the process does
     return 0
 
 

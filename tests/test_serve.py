@@ -376,24 +376,16 @@ def test_operating_point_per_request(prism_server):
                                                     extra_body=extra).choices[0].message.content
 
     assert ask(operating_point=k_full) == expect_full  # the loaded point is always accepted
-    if hasattr(full, "set_operating_point"):
-        assert ask(operating_point=k) == expect_low
-        assert ask() == expect_full  # the next request is back at the loaded point
-        with pytest.raises(openai.BadRequestError, match="operating") as e:
-            ask(operating_point=10 * k_full)
-        assert e.value.body["param"] == "operating_point"
-    else:
-        with pytest.raises(openai.BadRequestError, match="cannot change the operating point per request yet"):
-            ask(operating_point=k)
-    if not hasattr(full, "set_token_latency_ms"):
-        with pytest.raises(openai.BadRequestError, match="token-latency budget per request yet"):
-            ask(token_latency_ms=50)
-    else:
-        assert ask(token_latency_ms=1e6) == expect_full  # a generous budget drops nothing
-        tight = srv.client().chat.completions.create(model=srv.model, messages=HELLO, max_tokens=8,
-                                                     temperature=0, extra_body={"token_latency_ms": 1e-3})
-        assert tight.choices[0].finish_reason in ("stop", "length")  # degraded, not stalled
-        assert ask() == expect_full  # the next request is back at the loaded budget (none)
+    assert ask(operating_point=k) == expect_low
+    assert ask() == expect_full  # the next request is back at the loaded point
+    with pytest.raises(openai.BadRequestError, match="operating") as e:
+        ask(operating_point=10 * k_full)
+    assert e.value.body["param"] == "operating_point"
+    assert ask(token_latency_ms=1e6) == expect_full  # a generous budget drops nothing
+    tight = srv.client().chat.completions.create(model=srv.model, messages=HELLO, max_tokens=8,
+                                                 temperature=0, extra_body={"token_latency_ms": 1e-3})
+    assert tight.choices[0].finish_reason in ("stop", "length")  # degraded, not stalled
+    assert ask() == expect_full  # the next request is back at the loaded budget (none)
 
 
 # -- the command line ---------------------------------------------------------------------------
@@ -423,34 +415,35 @@ def test_missing_extra_is_one_error_line(tmp_path):
 
 # -- the worker's per-request runtime options, with a fake engine ----------------------------------
 class FakeEngine:
-    """What Worker reads of an Engine; ``settable`` adds the per-request setters."""
+    """What Worker reads of an Engine, recording the per-request setters' calls."""
 
-    def __init__(self, operating_point: int | None, *, settable: bool = False):
+    def __init__(self, operating_point: int | None):
         self.model = SimpleNamespace(operating_point=operating_point)
         self.stats = {}
         self.calls: list[tuple[str, object]] = []
-        if settable:
-            self.set_operating_point = lambda k: self.calls.append(("k", k))
-            self.set_token_latency_ms = lambda ms: self.calls.append(("ms", ms))
+
+    def set_operating_point(self, k: int) -> None:
+        self.calls.append(("k", k))
+
+    def set_token_latency_ms(self, ms: float | None) -> None:
+        self.calls.append(("ms", ms))
 
 
 def request(**kw) -> GenerationRequest:
     return GenerationRequest(kind="chat", messages=tuple(HELLO), **kw)
 
 
-def test_operating_point_per_request_without_a_setter_is_a_clear_400():
-    worker = Worker(FakeEngine(16), ServeConfig(), Metrics())
-    worker._apply_runtime(request(operating_point=16))  # the loaded one: fine
-    with pytest.raises(RequestError, match="cannot change the operating point per request yet") as e:
+def test_operating_point_per_request_on_a_plain_checkpoint_is_a_clear_400():
+    fake = FakeEngine(None)
+    worker = Worker(fake, ServeConfig(), Metrics())
+    with pytest.raises(RequestError, match="operating_point needs a prism checkpoint") as e:
         worker._apply_runtime(request(operating_point=8))
     assert (e.value.status, e.value.param) == (400, "operating_point")
-    with pytest.raises(RequestError, match="token-latency budget") as e:
-        worker._apply_runtime(request(token_latency_ms=50))
-    assert (e.value.status, e.value.param) == (400, "token_latency_ms")
+    assert fake.calls == []
 
 
 def test_operating_point_per_request_with_a_setter_applies_then_restores():
-    fake = FakeEngine(16, settable=True)
+    fake = FakeEngine(16)
     worker = Worker(fake, ServeConfig(), Metrics())
     worker._apply_runtime(request(operating_point=8, token_latency_ms=40))
     worker._apply_runtime(request(operating_point=8))
