@@ -146,7 +146,7 @@ def _backend(cfg: RuntimeConfig, device: torch.device):
 def _build_prism(path: Path, cfg: RuntimeConfig, *, dtype: torch.dtype, device: torch.device):
     from edge_prism.refactor.gates import GATE_KINDS
     from edge_prism.refactor.prism import open_prism
-    from edge_prism.select import SubExpertSelector, check_operating_point, max_operating_point
+    from edge_prism.select import check_operating_point, max_operating_point
     from edge_prism.tokenizer import Tokenizer
 
     pc = open_prism(path)
@@ -173,23 +173,21 @@ def _build_prism(path: Path, cfg: RuntimeConfig, *, dtype: torch.dtype, device: 
         store, kernels = _budgeted_store(pc, spec, k, cfg, backend, dtype=dtype, device=device,
                                          budget_bytes=plan.memory_budget_bytes)
     weights = build_weights(spec, reader)
-    model = Transformer(spec, weights, store, parts=parts, kernels=kernels, dtype=dtype, device=device)
     # Gates are loaded at every K (they are small), so Engine.set_operating_point can move to
-    # any K later; at full K nothing reads them.
+    # any K later; at full K nothing reads them (the model builds no selector: the exact path).
     if kind == "oracle":
         from edge_prism.select import LayerGate
 
-        model.gates = [LayerGate("oracle", float_pool(pc, layer, dtype=dtype, device=device),
-                                 spec.ffn[layer].num_experts) for layer in range(spec.num_layers)]
+        gates = [LayerGate("oracle", float_pool(pc, layer, dtype=dtype, device=device),
+                           spec.ffn[layer].num_experts) for layer in range(spec.num_layers)]
     else:
-        model.gates = [_layer_gate(pc, layer, kind, dtype, device) for layer in range(spec.num_layers)]
-    if k != full:  # full K needs no gate: the exact path stays untouched
-        model.selector = SubExpertSelector(spec, parts, model.gates, k)
-    if prefetch_applies(cfg, device) and hasattr(store, "prefetch"):  # only a store that streams can prefetch
-        model.prefetcher = _prefetcher(pc, model)
+        gates = [_layer_gate(pc, layer, kind, dtype, device) for layer in range(spec.num_layers)]
+    model = Transformer(spec, weights, store, parts=parts, kernels=kernels, dtype=dtype, device=device,
+                        gates=gates, operating_point=k)
+    if prefetch_applies(cfg, device) and store.streams:  # only a store that streams can prefetch
+        model.set_prefetcher(_prefetcher(pc, model))
     if cfg.token_latency_ms is not None:
-        model.planner = _planner(model, cfg, device=device, dtype=dtype)
-    model.operating_point = k
+        model.set_planner(_planner(model, cfg, device=device, dtype=dtype))
     return model, Tokenizer.from_hf_dir(path)
 
 

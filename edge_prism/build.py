@@ -345,6 +345,8 @@ class ResidentStore:
     """Every sub-expert resident; slot = unit id. A layer's pool is a float block buffer
     [U, 3, n, D] or the list of its experts' quantized matrices."""
 
+    streams = False  # nothing to prefetch
+
     def __init__(self, pools: list, units: list[int]):
         self.pools, self.units = pools, units
 
@@ -366,6 +368,19 @@ class ResidentStore:
     def ready(self, layer: int, unit: int) -> bool:
         """Always: nothing is ever loaded."""
         return True
+
+    def release_all(self) -> None:
+        """Nothing is ever held."""
+
+    def report(self) -> dict:
+        """No counters: nothing moves."""
+        return {}
+
+    def reset_stats(self) -> None:
+        """No counters to zero."""
+
+    def close(self) -> None:
+        """Nothing to give back early: the pools go with the store."""
 
     def layer_nbytes(self, layer: int) -> int:
         """Bytes of ``layer``'s sub-experts."""

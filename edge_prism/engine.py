@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -104,8 +105,9 @@ class Engine:
         return out
 
     def _reporters(self) -> list:
+        """The runtime parts this model has: each keeps counters (report(), reset_stats())."""
         m = self.model
-        return [p for p in (m.store, m.prefetcher, m.planner) if hasattr(p, "report")]
+        return [p for p in (m.store, m.prefetcher, m.planner) if p is not None]
 
     def generate(self, prompt: str, **sampling) -> str:
         """The continuation of raw text ``prompt`` (no chat template)."""
@@ -168,10 +170,9 @@ class Engine:
         with self._exclusive():
             self._closed = True
             m = self.model
-            m.prefetcher = m.planner = None  # the model <-> prefetcher cycle goes with them
-            close = getattr(m.store, "close", None)
-            if close is not None:
-                close()
+            m.set_prefetcher(None)  # the model <-> prefetcher cycle goes with them
+            m.set_planner(None)
+            m.store.close()
             m.cache = None  # the KV cache's device memory
 
     def __enter__(self) -> "Engine":
@@ -209,10 +210,6 @@ class Engine:
         Under a memory budget planned at a smaller K, a larger ``k`` still computes exactly;
         a selection larger than the dynamic slots then passes through them in rounds (slower).
         """
-        from numbers import Integral
-
-        from edge_prism.select import SubExpertSelector, check_operating_point, max_operating_point
-
         m = self.model
         if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
             raise ConfigError(f"invalid operating point {k!r}: use a whole number of active sub-experts "
@@ -220,10 +217,7 @@ class Engine:
         if m.operating_point is None:
             raise ConfigError(f"{self.source}: operating points need a prism checkpoint; run `edge-prism "
                               f"refactor {self.source} --out DIR` and load DIR")
-        k = check_operating_point(int(k), m.spec, m.parts)
-        full = max_operating_point(m.spec, m.parts)
-        m.selector = None if k == full else SubExpertSelector(m.spec, m.parts, m.gates, k)
-        m.operating_point = k
+        m.set_operating_point(int(k))
         self.reset()
 
     def set_token_latency_ms(self, ms: float | None) -> None:
@@ -240,12 +234,11 @@ class Engine:
             raise ConfigError(f"{self.source}: a token-latency budget needs a prism checkpoint; run `edge-prism "
                               f"refactor {self.source} --out DIR` and load DIR")
         if ms is None:
-            m.planner = None
+            m.set_planner(None)
         elif m.planner is not None:
-            m.planner.budget_s, m.planner.slack_s = ms / 1000, 0.0
-            m.planner.reset_stats()
+            m.planner.set_budget(ms / 1000)
         else:
-            m.planner = planner_for(m, budget_s=ms / 1000, device=m.device, dtype=m.dtype)
+            m.set_planner(planner_for(m, budget_s=ms / 1000, device=m.device, dtype=m.dtype))
         config = getattr(self, "config", None)
         if config is not None:
             self.config = dataclasses.replace(config, token_latency_ms=None if ms is None else float(ms))

@@ -119,10 +119,9 @@ def evaluate_model(model, cfg, *, text_file: Path | None = None, points: str = "
         top_k = max(f.top_k for f in spec.ffn if f.routed)
         per_expert = max(parts[i] for i, f in enumerate(spec.ffn) if f.routed)
         for kk in range(1, top_k + 1):
-            engine.model.route_top_k = kk
-            rows.append(QualityRow(kk * per_expert, perplexity(engine, ids), "top-k", top_k=kk,
-                                   tokens=ids.numel()))
-        engine.model.route_top_k = None
+            with engine.model.routing_top_k(kk):
+                rows.append(QualityRow(kk * per_expert, perplexity(engine, ids), "top-k", top_k=kk,
+                                       tokens=ids.numel()))
     rows.sort(key=lambda r: (r.curve, r.operating_point))
     full_ppl = next(r.perplexity for r in rows if r.curve == "prism" and r.operating_point == full)
     usable = {c: usable_points([r for r in rows if r.curve == c], full_ppl=full_ppl)

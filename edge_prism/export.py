@@ -451,12 +451,9 @@ def _fit_routers(path: Path, pc, spec: ModelSpec, plan: _Plan, cfg: ExportConfig
     engine = load_with(path, RuntimeConfig(device="cpu", dtype="float32", operating_point=plan.k))
     model = engine.model
     fit = _FitObserver(model, pc, plan, spec.hidden_size, fit_fold=plan.norm_topk and not plan.dense_model)
-    model.ffn_observer = fit
-    try:
+    with model.observing(fit):
         calib = _forward_text(engine, "calib", cfg.calib_tokens, cfg.seq_len, progress=progress,
                               desc="export: calibration")
-    finally:
-        model.ffn_observer = None
     rows, eps, folds = {}, {}, {}
     for layer in plan.moe_layers:
         w, b = fit.gates[layer]
@@ -465,12 +462,9 @@ def _fit_routers(path: Path, pc, spec: ModelSpec, plan: _Plan, cfg: ExportConfig
         rows[layer] = router_rows(fit.parents.get(layer), w, b, v, eps[layer])  # [E*S, D]
         folds[layer] = fit.fold(layer)
     agree = _AgreementObserver(model, plan, rows, folds, DTYPES[cfg.dtype])
-    model.ffn_observer = agree
-    try:
+    with model.observing(agree):
         held_out = _forward_text(engine, "eval", cfg.measure_tokens, cfg.seq_len, progress=progress,
                                  desc="export: measuring")
-    finally:
-        model.ffn_observer = None
     measured = agree.summary()
     measured.update(calibration_tokens=calib, held_out_tokens=held_out, router_dtype=cfg.dtype,
                     eps={str(layer): e for layer, e in eps.items()},

@@ -19,16 +19,18 @@ output is exactly the sum of its sub-experts' outputs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from edge_prism.errors import ConfigError
 from edge_prism.kernels import Embedding, FFNKernel, FloatEmbedding, FloatLinear, Linear, block_ffn
 from edge_prism.runtime.device import HostCopy, to_device_async
-from edge_prism.select import full_token_units
+from edge_prism.select import SubExpertSelector, check_operating_point, full_token_units, max_operating_point
 from edge_prism.spec import MLASpec, ModelSpec
 
 __all__ = ["LayerWeights", "MLAWeights", "Weights", "Transformer", "KVCache", "MLACache", "block_ffn",
@@ -125,6 +127,10 @@ def tied_head(embed: torch.Tensor) -> tuple[FloatEmbedding, FloatLinear]:
 class ExpertStore(Protocol):
     """Where sub-expert blocks live during compute (the runtime implements this)."""
 
+    # True: sub-experts stream into device slots on demand, so a Prefetcher may load them ahead
+    # (the store then also takes prefetch() and drop_stale()); False: all resident.
+    streams: bool
+
     def slots(self, layer: int, units: torch.Tensor) -> torch.Tensor:
         """Make ``units`` (sorted flat ids e*S+s, CPU int64 [P]) resident; their slots [P]."""
         ...
@@ -140,6 +146,22 @@ class ExpertStore(Protocol):
 
     def capacity(self, layer: int) -> int:
         """Most units one slots() call may ask for (a prefill may select more: chunks)."""
+        ...
+
+    def release_all(self) -> None:
+        """Nothing computes now: release what an interrupted step left in use."""
+        ...
+
+    def report(self) -> dict:
+        """Counters for Engine.stats (a store that keeps none: {})."""
+        ...
+
+    def reset_stats(self) -> None:
+        """Zero the counters (they are reported per generation)."""
+        ...
+
+    def close(self) -> None:
+        """Give back threads, slot pools and host memory now (idempotent)."""
         ...
 
 
@@ -327,6 +349,18 @@ class Planner(Protocol):
         ``units``, together never below the floor)."""
         ...
 
+    def set_budget(self, budget_s: float) -> None:
+        """Plan for a budget of ``budget_s`` seconds per token from now on (the costs learnt stay)."""
+        ...
+
+    def report(self, latencies_s: list[float]) -> dict:
+        """Counters for Engine.stats, given the generation's decode token latencies."""
+        ...
+
+    def reset_stats(self) -> None:
+        """Zero the counters."""
+        ...
+
 
 class Prefetcher(Protocol):
     """Loads the sub-experts later layers will select, ahead of use (edge_prism.prefetch)."""
@@ -340,12 +374,33 @@ class Prefetcher(Protocol):
         """The layer's FFN kernel is launched."""
         ...
 
+    def release_all(self) -> None:
+        """Forget predictions not yet scored (a step was interrupted, or a generation starts)."""
+        ...
+
+    def report(self) -> dict:
+        """Counters for Engine.stats."""
+        ...
+
+    def reset_stats(self) -> None:
+        """Zero the counters."""
+        ...
+
 
 class Transformer:
-    """A decoder-only model over always-resident weights and an ExpertStore for sub-experts."""
+    """A decoder-only model over always-resident weights and an ExpertStore for sub-experts.
+
+    ``gates``: sub-expert gates per layer (select.LayerGate), needed below full K.
+    ``operating_point``: K, active sub-experts per token per MoE layer (None: a plain checkpoint,
+    every part of every routed expert, as at full K). ``ffn_observer``: called with (layer,
+    resid, x, topv, topi) at every FFN (calibration; see also :meth:`observing`). The decode
+    helpers that need the built model come after it: :meth:`set_prefetcher`, :meth:`set_planner`.
+    """
 
     def __init__(self, spec: ModelSpec, weights: Weights, store: ExpertStore, *,
-                 parts: list[int], kernels: list[FFNKernel], dtype: torch.dtype, device: torch.device):
+                 parts: list[int], kernels: list[FFNKernel], dtype: torch.dtype, device: torch.device,
+                 gates: list | None = None, operating_point: int | None = None,
+                 ffn_observer: FFNObserver | None = None):
         self.spec, self.w, self.store = spec, weights, store
         self.parts = parts  # S per layer
         self.kernels = kernels  # the FFN kernel that reads each layer's pool
@@ -356,8 +411,8 @@ class Transformer:
         self.selector: Selector | None = None  # None: every part of every routed expert
         self.operating_point: int | None = None  # K, for reports (None: plain checkpoint)
         self.route_top_k: int | None = None  # baseline curves: route to fewer experts than top_k
-        self.gates: list | None = None  # sub-expert gates per layer (select.LayerGate), when loaded
-        self.ffn_observer: FFNObserver | None = None  # calibration: (layer, resid, x, topv, topi)
+        self.gates = gates
+        self.ffn_observer = ffn_observer
         self.prefetcher: Prefetcher | None = None  # decode only
         self.planner: Planner | None = None  # decode only: token-latency budget
         self.cache = (MLACache if spec.mla is not None else KVCache)(spec, dtype=dtype, device=device)
@@ -369,6 +424,55 @@ class Transformer:
         self._all_units = [torch.arange(f.num_experts * s) for f, s in zip(spec.ffn, parts)]
         self._part_ids = {s: torch.arange(s, device=device) for s in set(parts)}  # 0..S-1 per S
         self._dense_route: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        if operating_point is not None:
+            self.set_operating_point(operating_point)
+
+    # -- capabilities ----------------------------------------------------------------
+    def set_operating_point(self, k: int) -> None:
+        """Compute ``k`` active sub-experts per token per MoE layer from now on: the selector is
+        rebuilt (none at full K: the exact path). The KV cache is the caller's to reset."""
+        k = check_operating_point(k, self.spec, self.parts)
+        full = max_operating_point(self.spec, self.parts)
+        if k != full and self.gates is None:
+            raise ConfigError(f"operating point {k} is below full K ({full}) and this model has no "
+                              "sub-expert gates to choose with: load a prism checkpoint, or build "
+                              "the model with gates=")
+        self.selector = None if k == full else SubExpertSelector(self.spec, self.parts, self.gates, k)
+        self.operating_point = k
+
+    def set_prefetcher(self, prefetcher: Prefetcher | None) -> None:
+        """Load later layers' sub-experts ahead of use during decode (None: stop)."""
+        if prefetcher is not None and not self.store.streams:
+            raise ConfigError("a prefetcher needs a store that streams sub-experts; this model's "
+                              f"{type(self.store).__name__} holds every one resident: load it with a "
+                              "memory budget below its experts, or leave prefetch off")
+        self.prefetcher = prefetcher
+
+    def set_planner(self, planner: Planner | None) -> None:
+        """Trim each decode token's selection to the planner's token-latency budget (None: exact)."""
+        self.planner = planner
+
+    @contextlib.contextmanager
+    def observing(self, observer: FFNObserver) -> Iterator[None]:
+        """Call ``observer`` (layer, resid, x, topv, topi) at every FFN of the forwards run inside
+        the block; the previous observer (usually none) is back afterwards, error or not."""
+        previous, self.ffn_observer = self.ffn_observer, observer
+        try:
+            yield
+        finally:
+            self.ffn_observer = previous
+
+    @contextlib.contextmanager
+    def routing_top_k(self, top_k: int) -> Iterator[None]:
+        """Route each token to its ``top_k`` best experts (fewer than the model's top_k: the
+        baseline curve of quality against experts computed) in the forwards run inside the block."""
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ConfigError(f"invalid top_k {top_k!r}: route to 1 or more experts")
+        previous, self.route_top_k = self.route_top_k, top_k
+        try:
+            yield
+        finally:
+            self.route_top_k = previous
 
     # -- positions -------------------------------------------------------------------
     def _ensure_rope(self, positions: int) -> None:
@@ -389,10 +493,9 @@ class Transformer:
         """Forget cached positions from ``keep`` on. Nothing computes now, so the store releases
         what an interrupted step left in use and the prefetcher forgets its predictions."""
         self.cache.length = min(keep, self.cache.length)
-        for part in (self.store, self.prefetcher):
-            release = getattr(part, "release_all", None)
-            if release is not None:
-                release()
+        self.store.release_all()
+        if self.prefetcher is not None:
+            self.prefetcher.release_all()
 
     # -- forward ---------------------------------------------------------------------
     @torch.inference_mode()

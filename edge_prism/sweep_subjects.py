@@ -117,9 +117,7 @@ class PrismSubject:
         store = store_class(tiers, layers, budget_bytes=nbytes, device=self.device, policy="lru")
         # load() builds edge-prism's store; the smallest one, replaced before any token runs.
         engine = self._load(k, minimum_budget(self.layer_blocks(k)), prefetch=False)
-        close = getattr(engine.model.store, "close", None)  # a ResidentStore has nothing to close
-        if close is not None:
-            close()
+        engine.model.store.close()
         engine.model.store = store
         return engine
 

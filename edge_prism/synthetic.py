@@ -36,7 +36,7 @@ from edge_prism.runtime.device import pinned_empty, resolve_device
 from edge_prism.runtime.sizes import format_size
 from edge_prism.runtime.store import BudgetedStore, LayerBlocks, minimum_budget
 from edge_prism.runtime.transfer import MemoryTier
-from edge_prism.select import LayerGate, SubExpertSelector, check_operating_point, max_operating_point, quotas
+from edge_prism.select import LayerGate, check_operating_point, max_operating_point, quotas
 from edge_prism.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -305,14 +305,11 @@ class SyntheticModel:
         """
         full = self.full_operating_point()
         k = check_operating_point(operating_point or full, self.spec, self.parts)
-        kw = dict(parts=self.parts, kernels=[FloatUnits() for _ in self.parts], dtype=self.dtype,
-                  device=self.device)
-        model = Transformer(self.spec, self.weights, store, **kw)
-        if k != full:
-            model.selector = SubExpertSelector(self.spec, self.parts, self.gates(), k)
-        model.operating_point = k
-        if prefetch and hasattr(store, "prefetch"):
-            model.prefetcher = Prefetcher(Predictor(model), store)
+        model = Transformer(self.spec, self.weights, store, parts=self.parts,
+                            kernels=[FloatUnits() for _ in self.parts], dtype=self.dtype, device=self.device,
+                            gates=None if k == full else self.gates(), operating_point=k)  # full K reads no gates
+        if prefetch and store.streams:
+            model.set_prefetcher(Prefetcher(Predictor(model), store))
         # Every figure from a synthetic engine must say so.
         return Engine(model, None, source=self.source, max_context=self.spec.max_position, synthetic=True)
 

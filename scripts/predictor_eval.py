@@ -49,35 +49,34 @@ def score(model_path: Path, k: int, tokens: int) -> dict:
         units, _ = m.unit_weights(layer, x, topv, topi)
         actual[layer] = set(units.tolist())
 
-    m.ffn_observer = observe
     ids = eval_ids(engine.tokenizer, None, tokens + 1)
     counts = {(name, d): [0, 0, 0] for name in predictors for d in (1, 2)}  # correct, predicted, actual
     # Baseline: the layer's most frequently selected units on calibration text, always.
     hottest = {layer: pc.order(layer).tolist() for layer in range(m.spec.num_layers)}
     counts[("static-hottest", 1)] = [0, 0, 0]
-    engine.reset()
-    m.forward(ids[:1])
-    for t in range(1, ids.numel()):
-        resid.clear()
-        actual.clear()
-        m.forward(ids[t:t + 1])
-        for layer in range(m.spec.num_layers):
-            c = counts[("static-hottest", 1)]
-            guess = set(hottest[layer][: len(actual[layer])])
-            c[0] += len(guess & actual[layer])
-            c[1] += len(guess)
-            c[2] += len(actual[layer])
-            for d in (1, 2):
-                target = layer + d
-                if target >= m.spec.num_layers:
-                    continue
-                for name, pred in predictors.items():
-                    guess = set(pred.predict(layer, resid[layer], target).units.tolist())
-                    c = counts[(name, d)]
-                    c[0] += len(guess & actual[target])
-                    c[1] += len(guess)
-                    c[2] += len(actual[target])
-    m.ffn_observer = None
+    with m.observing(observe):
+        engine.reset()
+        m.forward(ids[:1])
+        for t in range(1, ids.numel()):
+            resid.clear()
+            actual.clear()
+            m.forward(ids[t:t + 1])
+            for layer in range(m.spec.num_layers):
+                c = counts[("static-hottest", 1)]
+                guess = set(hottest[layer][: len(actual[layer])])
+                c[0] += len(guess & actual[layer])
+                c[1] += len(guess)
+                c[2] += len(actual[layer])
+                for d in (1, 2):
+                    target = layer + d
+                    if target >= m.spec.num_layers:
+                        continue
+                    for name, pred in predictors.items():
+                        guess = set(pred.predict(layer, resid[layer], target).units.tolist())
+                        c = counts[(name, d)]
+                        c[0] += len(guess & actual[target])
+                        c[1] += len(guess)
+                        c[2] += len(actual[target])
     return {f"{name}_d{d}": {"precision": c[0] / c[1], "recall": c[0] / c[2]}
             for (name, d), c in counts.items()}
 

@@ -238,7 +238,7 @@ def test_host_path_is_measured_step_by_step_and_plans_with_it(prism_of, min_budg
     assert all(v >= 0 for v in host.values()) and host["host_unit_s"] > 0 and host["host_read_s"] > 0
     slow_loads = CostModel(device="forced", h2d_bytes_per_s=1e3, copy_overhead_s=0.0, unit_s=1e-6,
                            layer_fixed_s=1e-6, head_s=0.0, **host)
-    model.planner = LatencyPlanner(model, model.store, slow_loads, budget_s=10.0)
+    model.set_planner(LatencyPlanner(model, model.store, slow_loads, budget_s=10.0))
     assert engine.generate_ids(list(range(70, 94)), max_new_tokens=6) == ref.generate_ids(list(range(70, 94)),
                                                                                           max_new_tokens=6)
     s = engine.stats

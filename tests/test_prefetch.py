@@ -227,7 +227,7 @@ def test_missing_sub_experts_run_on_the_host_when_that_is_faster(olmoe, min_budg
     engine = edge_prism.load(olmoe, memory_budget=min_budget(olmoe), prefetch=False, token_latency_ms=10_000)
     forced = CostModel(device="forced", h2d_bytes_per_s=1e3, copy_overhead_s=0.0, unit_s=1e-9,
                        layer_fixed_s=0.0, head_s=0.0, host_unit_s=1e-9)
-    engine.model.planner = LatencyPlanner(engine.model, engine.model.store, forced, budget_s=10.0)
+    engine.model.set_planner(LatencyPlanner(engine.model, engine.model.store, forced, budget_s=10.0))
     assert engine.generate_ids(PROMPT, max_new_tokens=8) == ref.generate_ids(PROMPT, max_new_tokens=8)
     s = engine.stats
     assert s["cpu_computed_subexperts"] > 0 and s["dropped_subexperts"] == 0

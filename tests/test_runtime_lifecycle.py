@@ -280,12 +280,11 @@ def test_float16_keeps_the_residual_stream_in_float32(tiny_checkpoint):
     ref = edge_prism.load(path).logits(PROMPT)
     engine = edge_prism.load(path, dtype="float16")
     seen = []
-    engine.model.ffn_observer = lambda layer, resid, x, topv, topi: seen.append((resid.dtype, x.dtype))
-    got = engine.logits(PROMPT)
+    with engine.model.observing(lambda layer, resid, x, topv, topi: seen.append((resid.dtype, x.dtype))):
+        got = engine.logits(PROMPT)
     assert set(seen) == {(torch.float32, torch.float16)}
     torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05 * float(ref.abs().max()))
     # A residual past float16's range (65504) stays finite.
-    engine.model.ffn_observer = None
     w = engine.model.w
     w.embed.weight.copy_(w.embed.weight.sign() * 6.5e4)
     w.layers[0].wo.w_t.mul_(1e4)

@@ -9,8 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from edge_prism.engine import Engine
 from edge_prism.errors import BudgetError, ConfigError
 from edge_prism.families import build_spec
+from edge_prism.kernels import FloatUnits
+from edge_prism.model import Transformer
+from edge_prism.prefetch import Predictor, Prefetcher
+from edge_prism.select import SubExpertSelector
 from edge_prism.synthetic import (PRESETS, SyntheticConfig, SyntheticModel, build_synthetic, random_prompt,
                                   synthetic_config_dict)
 
@@ -128,6 +133,56 @@ def test_the_seed_decides_the_weights(tiny_config, prompt):
     assert not torch.equal(a.logits(prompt), c.logits(prompt))
 
 
+# -- capabilities passed to the model, not assigned to it --------------------------------------------
+def test_a_model_built_at_a_point_computes_what_an_assigned_selector_did(tiny_config, prompt):
+    """Transformer(..., gates=, operating_point=k) gives the logits and tokens of the old way of
+    building it: a plain model with a selector assigned afterwards."""
+    sm = SyntheticModel(SyntheticConfig(model=str(tiny_config), seed=4), device="cpu")
+    k = 7
+    built = sm.engine(sm.resident_store(), operating_point=k)
+    old = Transformer(sm.spec, sm.weights, sm.resident_store(), parts=sm.parts,
+                      kernels=[FloatUnits() for _ in sm.parts], dtype=sm.dtype, device=sm.device)
+    old.selector = SubExpertSelector(sm.spec, sm.parts, sm.gates(), k)
+    assigned = Engine(old, None, source=sm.source, max_context=sm.spec.max_position)
+    assert built.model.operating_point == k and built.model.selector is not None
+    assert torch.equal(built.logits(prompt), assigned.logits(prompt))
+    greedy = dict(max_new_tokens=6, temperature=0)
+    assert built.generate_ids(prompt, **greedy) == assigned.generate_ids(prompt, **greedy)
+
+
+def test_a_point_below_full_without_gates_is_refused(tiny_config):
+    engine = build_synthetic(tiny_config, device="cpu")  # full K: built without gates
+    with pytest.raises(ConfigError, match="no sub-expert gates"):
+        engine.set_operating_point(FULL_K // 2)
+    assert engine.model.operating_point == FULL_K and engine.model.selector is None
+
+
+def test_a_prefetcher_needs_a_store_that_streams(tiny_config):
+    resident = build_synthetic(tiny_config, device="cpu").model
+    with pytest.raises(ConfigError, match="needs a store that streams"):
+        resident.set_prefetcher(Prefetcher(Predictor(resident), resident.store))
+    assert resident.prefetcher is None
+    assert build_synthetic(tiny_config, device="cpu", memory_budget="25%", prefetch=True).model.prefetcher is not None
+
+
+def test_an_observer_is_cleared_after_its_block_even_on_error(tiny_config, prompt):
+    engine = build_synthetic(tiny_config, device="cpu")
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        with engine.model.observing(lambda layer, *tensors: seen.append(layer)):
+            engine.logits(prompt)
+            raise KeyboardInterrupt
+    assert seen == list(range(TINY["num_hidden_layers"])) and engine.model.ffn_observer is None
+
+
+def test_routing_to_fewer_experts_ends_with_its_block(tiny_config, prompt):
+    engine = build_synthetic(tiny_config, device="cpu")
+    ref = engine.logits(prompt)
+    with engine.model.routing_top_k(1):
+        one = engine.logits(prompt)
+    assert not torch.equal(one, ref) and torch.equal(engine.logits(prompt), ref)
+
+
 def _routing_share(engine, ids: list[int], top: int) -> float:
     """Share of routing decisions that go to the ``top`` most-chosen experts of each layer."""
     counts = [torch.zeros(TINY["num_experts"]) for _ in range(TINY["num_hidden_layers"])]
@@ -135,9 +190,8 @@ def _routing_share(engine, ids: list[int], top: int) -> float:
     def observe(layer, *tensors):  # (..., topv, topi): the routed experts come last
         counts[layer] += torch.bincount(tensors[-1].reshape(-1), minlength=TINY["num_experts"]).float()
 
-    engine.model.ffn_observer = observe
-    engine.logits(ids)
-    engine.model.ffn_observer = None
+    with engine.model.observing(observe):
+        engine.logits(ids)
     return float(sum(c.sort(descending=True).values[:top].sum() / c.sum() for c in counts) / len(counts))
 
 

@@ -165,6 +165,8 @@ class _RowReader(TensorReader):
 class _LayerStore:
     """Every expert "resident" (read on use by _LazyExperts); a slot is an expert id."""
 
+    streams = False
+
     def __init__(self, spec: ModelSpec):
         self.spec = spec
 
@@ -179,6 +181,18 @@ class _LayerStore:
 
     def capacity(self, layer: int) -> int:
         return self.spec.ffn[layer].num_experts
+
+    def release_all(self) -> None:
+        pass
+
+    def report(self) -> dict:
+        return {}
+
+    def reset_stats(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def embedding_rows(source, ids: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -295,8 +309,7 @@ def calibrate_layers(spec: ModelSpec, source, reader: TensorReader, chunks: Sequ
     L = spec.num_layers
     model = Transformer(spec, Weights(embed=None, norm=None, lm_head=None, layers=[None] * L),
                         _LayerStore(spec), parts=[1] * L, kernels=[_LazyExperts(spec, reader)] * L,
-                        dtype=torch.float32, device=torch.device("cpu"))
-    model.ffn_observer = observer
+                        dtype=torch.float32, device=torch.device("cpu"), ffn_observer=observer)
     shapes = expected_shapes(spec)
     lengths = [int(c.numel()) for c in chunks]
     longest = max(lengths)
