@@ -211,26 +211,32 @@ class FloatUnits:
 
 class QuantUnits:
     """Quantized blocks [slots, nbytes] in the kernel's layout: per sub-expert, one int4
-    call for W_gate/W_up and one for W_down, on views of its slot made once per pool."""
+    call for W_gate/W_up and one for W_down, on views of its slot made once per pool.
+
+    ``pool`` may also be a pair (slot buffer, host blocks): a store that reads misses in
+    place (store.BudgetedStore with ``in_place``) numbers host block ``i`` as slot
+    ``num_slots + i``; the kernel reads both where they lie.
+    """
 
     def __init__(self, fmt: UnitFormat, backend: Int4Backend):
         self.fmt, self.backend = fmt, backend
-        self._views: dict[int, list[tuple[KMatrix, KMatrix]]] = {}
+        self._views: dict[tuple[int, int], list[tuple[KMatrix, KMatrix]]] = {}
         self.bytes_read = 0  # weight bytes the kernel has read (for benchmarks)
 
-    def slot_views(self, pool: torch.Tensor) -> list[tuple[KMatrix, KMatrix]]:
+    def slot_views(self, pool: torch.Tensor | tuple[torch.Tensor, Sequence[torch.Tensor]]
+                   ) -> list[tuple[KMatrix, KMatrix]]:
         """(GU, DN) kernel matrices of every slot of ``pool`` (cached per pool buffer)."""
-        key = pool.data_ptr()
+        buffer, host = pool if isinstance(pool, tuple) else (pool, ())
+        key = (buffer.data_ptr(), id(host))
         views = self._views.get(key)
         if views is None:
             g = self.fmt.gu.nbytes
             views = [(self.backend.view(b[:g], self.fmt.gu), self.backend.view(b[g:], self.fmt.dn))
-                     for b in pool.unbind(0)]
+                     for b in (*buffer.unbind(0), *host)]
             self._views[key] = views
         return views
 
-    def __call__(self, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor,
-                 wt: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, pool, slots: torch.Tensor, wt: torch.Tensor | None) -> torch.Tensor:
         views = self.slot_views(pool)
         fmt, raw = self.fmt, self.backend.raw
         n, T = fmt.n, x.shape[0]

@@ -25,6 +25,7 @@ import mmap
 import os
 import threading
 import time
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -206,6 +207,22 @@ class MappedFileTier(FileTier):
             raise PrismCheckpointError(f"cannot map {self.path}: {err}; re-create the prism checkpoint") from err
         # numpy copies at memory speed and releases the GIL (torch's copy_ of a small block holds it).
         self._array = np.frombuffer(self._map, dtype=np.uint8)
+        self._blocks: tuple[torch.Tensor, ...] | None = None
+
+    def blocks(self) -> tuple[torch.Tensor, ...]:
+        """Every block as a tensor viewing the mapped file, in index order (made once).
+
+        Read-only memory: for kernels that read a block where it lies (the CPU reads misses
+        in place, see store.BudgetedStore); writing through one raises a segmentation fault,
+        so nothing may write to them.
+        """
+        if self._blocks is None:
+            with warnings.catch_warnings():  # torch warns that the buffer is not writable: it is read only
+                warnings.simplefilter("ignore", UserWarning)
+                data = torch.from_numpy(self._array)
+            self._blocks = tuple(data[o:o + self.block_nbytes].view(self.dtype).view(self.block_shape)
+                                 for o in self.offsets)
+        return self._blocks
 
     def read_into(self, index: int, dst: torch.Tensor) -> None:
         """Copy block ``index`` into host tensor ``dst`` (contiguous, block shape and dtype)."""
@@ -216,7 +233,7 @@ class MappedFileTier(FileTier):
 
     def close(self) -> None:
         """Unmap and close the file."""
-        self._array = None
+        self._array = self._blocks = None
         m = getattr(self, "_map", None)
         if m is not None:
             try:
