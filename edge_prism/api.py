@@ -296,7 +296,17 @@ def _budgeted_store(pc, spec: ModelSpec, k: int, cfg: RuntimeConfig, backend, *,
                         backend=backend)
     kernels = [FloatUnits() if formats[layer] is None else QuantUnits(formats[layer], backend)
                for layer in range(spec.num_layers)]
-    return BudgetedStore(tiers, layers, budget_bytes=nbytes, device=device, policy=cfg.policy), kernels
+    return BudgetedStore(tiers, layers, budget_bytes=nbytes, device=device, policy=cfg.policy,
+                         in_place=reads_in_place(cfg, device, formats, backend)), kernels
+
+
+def reads_in_place(cfg: RuntimeConfig, device: torch.device, formats: dict, backend) -> bool:
+    """Whether a budgeted store reads its misses where they lie in the mapped experts file
+    instead of copying them into slots: on the CPU, whose RAM the file's page cache already
+    is, when every block is stored as the kernel reads it (quantized blocks on AVX-512
+    CPUs); ``host_tier='disk'`` copies them (the offloading managers' way, for comparison)."""
+    return (device.type == "cpu" and cfg.host_tier != "disk" and all(formats.values())
+            and backend is not None and backend.native_blocks)
 
 
 def memory_report(model, cfg: RuntimeConfig | None = None) -> dict:

@@ -416,7 +416,7 @@ class WholeBudgetStore(ResidentStore):
         return {"memory_budget_bytes": self.budget_bytes, "resident_bytes": self.nbytes(), "hits": self.hits,
                 "misses": 0, "hit_rate": 1.0, "bytes_to_device": 0, "transfer_wait_s": 0.0,
                 "prefetch_issued": 0, "prefetch_used": 0, "prefetch_cancelled": 0,
-                "prefetched_unused_bytes": 0, "prefetch_late": 0}
+                "prefetched_unused_bytes": 0, "prefetch_late": 0, "bytes_in_place": 0}
 
     def reset_stats(self) -> None:
         """Zero the counters."""

@@ -28,6 +28,8 @@ def summary_line(stats: dict) -> str:
                      f"{format_size(stats['memory_budget_bytes'])}")
         parts.append(f"hit rate {stats['hit_rate']:.0%}")
         parts.append(f"moved {format_size(stats['bytes_to_device'])}")
+        if stats.get("bytes_in_place"):
+            parts.append(f"read in place {format_size(stats['bytes_in_place'])}")
         parts.append(f"transfer wait {stats['transfer_wait_s']:.2f} s")
     for key, label in (("prefetch_precision", "prefetch precision"), ("prefetch_recall", "recall")):
         if stats.get(key) is not None:
@@ -182,8 +184,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"host RAM: {format_size(vm.total)} total, {format_size(vm.available)} available; "
           f"{psutil.cpu_count(logical=False) or psutil.cpu_count()} CPU cores")
     print(f"quantized weights: {kernel_paths()}")
+    print(f"sub-experts outside a memory budget: {miss_paths()}")
     print("prefetch under a memory budget: on for CUDA devices (their copy engine runs beside the kernels), "
-          "off on CPUs (the copies would take the compute's cores); --prefetch / --no-prefetch override")
+          "off on CPUs (copies would take the compute's cores; misses read in place have nothing to "
+          "load ahead); --prefetch / --no-prefetch override where misses are copied")
     try:
         from edge_prism.loaders.default import default_model_path
 
@@ -216,6 +220,22 @@ def kernel_paths() -> str:
              "cuda-int4pack": "torch int4 tinygemm kernel (bfloat16)",
              "dequant": "no int4 kernel: each weight is expanded to the compute dtype in a scratch buffer"}
     return "; ".join(f"{d}: {names[backend_for(d).name]}" for d in devices)
+
+
+def miss_paths() -> str:
+    """How a sub-expert outside the memory budget reaches the kernels on each device here."""
+    import torch
+
+    from edge_prism.quant import backend_for
+
+    cpu = ("read in place from the memory-mapped experts file (quantized prisms; float ones copy "
+           "into slots); --host-tier disk copies them into slots"
+           if backend_for(torch.device("cpu")).native_blocks else
+           "copied from the memory-mapped experts file into slots (this CPU's int4 layout is not the stored one)")
+    out = f"cpu: {cpu}"
+    if torch.cuda.is_available():
+        out += "; cuda: copied into device slots from pinned host RAM or the file (--host-tier)"
+    return out
 
 
 # -- entry point ---------------------------------------------------------------------------

@@ -559,6 +559,7 @@ _COUNTERS = (
     ("prompt_tokens", "prompt_tokens_total", "prompt tokens"),
     ("reused_prompt_tokens", "reused_prompt_tokens_total", "prompt tokens served from the KV cache"),
     ("bytes_to_device", "bytes_to_device_total", "sub-expert bytes moved to the device"),
+    ("bytes_in_place", "bytes_in_place_total", "sub-expert bytes the kernels read in place from the host tier"),
     ("transfer_wait_s", "transfer_wait_seconds_total", "time decoding waited for sub-expert transfers"),
     ("dropped_subexperts", "dropped_subexperts_total", "sub-experts dropped to meet the latency budget"),
 )

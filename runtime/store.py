@@ -13,6 +13,12 @@ slot); quantized blocks stay bytes.
 A key is resident once it has a slot, but its bytes are only there once its transfer
 has landed: every transfer not yet waited for is in ``_inflight``, so a later hit waits
 for it (after an interrupted step too); a failed transfer gives its slot back.
+
+In place (``in_place=True``, the CPU with blocks stored as its kernel reads them): the
+host tier is the memory-mapped experts file, the same RAM the kernels read, so a miss is
+not copied at all. The slots hold the hottest sub-experts for good and every other one is
+read by the kernel where it lies in the mapping (wanted units -> slot | host block ->
+kernels); the kernel's page cache decides what of that cold rest stays in RAM.
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ class StoreStats:
     prefetched_unused_bytes: int = 0
     prefetch_cancelled: int = 0
     prefetch_late: int = 0  # prefetched sub-experts still in flight when needed
+    bytes_in_place: int = 0  # misses read by the kernels where they lie in the host tier (in place)
 
 
 def plan_slots(layers: Sequence[LayerBlocks], budget_bytes: int) -> dict[tuple, int]:
@@ -227,9 +234,13 @@ class BudgetedStore:
     streams = True  # sub-experts stream into the slots on demand: a Prefetcher may load them ahead
 
     def __init__(self, tiers: TierFactory, layers: Sequence[LayerBlocks], *, budget_bytes: int,
-                 device: torch.device, policy: str = "lru", workers: int | None = None, pin_hot: bool = True):
+                 device: torch.device, policy: str = "lru", workers: int | None = None, pin_hot: bool = True,
+                 in_place: bool = False):
         self.device = device
         self.pin_hot = pin_hot  # False: every slot replaceable (a plain cache, for baselines)
+        # Misses read where they lie in the host tier instead of copied into slots (module doc).
+        self.in_place = in_place
+        self.streams = not in_place  # nothing is loaded ahead in place: a Prefetcher has no work
         self.layers = list(layers)
         self.budget_bytes = budget_bytes
         self.stats = StoreStats()
@@ -249,6 +260,10 @@ class BudgetedStore:
                 self._pools[key] = self._make_pool(tiers, group, slots[key], policy=policy, workers=workers)
             self._layer_pool = [self._pools[(lb.block_shape, lb.dtype)] for lb in self.layers]
             self._warm()
+            # In place: per pool, the slot buffer and the host tier's blocks numbered after the
+            # slots (the kernels' view of the pool), made once.
+            self._in_place_pools = {id(p): (p.pool.buffer, self._host_views(p)) for p in self._pools.values()
+                                    } if in_place else {}
         except BaseException:
             self.close()
             raise
@@ -294,9 +309,19 @@ class BudgetedStore:
             p.transfer.bytes_moved = 0
             p.transfer.reset_stall()
 
+    def _host_views(self, p: _Pool) -> tuple[torch.Tensor, ...]:
+        blocks = getattr(p.transfer.tier, "blocks", None)
+        if blocks is None or self.device.type != "cpu":
+            raise ConfigError(f"in-place sub-experts need the CPU and a memory-mapped host tier of blocks in "
+                              f"the kernel's layout, got {type(p.transfer.tier).__name__} on {self.device}")
+        return blocks()
+
     # -- ExpertStore -------------------------------------------------------------------
     def capacity(self, layer: int) -> int:
-        """Most units one call of slots() may ask for in ``layer`` (the dynamic region)."""
+        """Most units one call of slots() may ask for in ``layer`` (the dynamic region; in
+        place, every unit: a miss needs no slot)."""
+        if self.in_place:
+            return self.layers[layer].units
         p = self._layer_pool[layer]
         return p.pool.num_slots - len(p.policy.pinned)
 
@@ -306,7 +331,12 @@ class BudgetedStore:
         The keys stay in use (never evicted) until :meth:`done`. If this raises (a failed
         load, Ctrl-C), nothing stays in use, loads not yet landed stay tracked, and failed
         ones give their slots back.
+
+        In place, a miss is numbered ``num_slots + i`` for block ``i`` of the host tier:
+        :meth:`pool` then returns the slot buffer with those blocks (see the module doc).
         """
+        if self.in_place:
+            return self._slots_in_place(layer, units)
         p, S = self._layer_pool[layer], self.layers[layer].parts
         keys = [SubExpertId(layer, u // S, u % S) for u in units.tolist()]
         want = set(keys)
@@ -348,9 +378,29 @@ class BudgetedStore:
                 del self._inflight[key]
         return torch.tensor(slots, dtype=torch.long)
 
-    def pool(self, layer: int) -> torch.Tensor:
-        """The slot buffer of ``layer``'s block shape [num_slots, *block_shape]."""
-        return self._layer_pool[layer].pool.buffer
+    def _slots_in_place(self, layer: int, units: torch.Tensor) -> torch.Tensor:
+        """slots() in place: nothing is loaded, waited for or evicted; the slots hold their
+        sub-experts for good, so none is acquired either."""
+        p, S = self._layer_pool[layer], self.layers[layer].parts
+        lookup, index, first = p.policy.lookup, p.index, p.pool.num_slots
+        out = []
+        for u in units.tolist():
+            key = SubExpertId(layer, u // S, u % S)
+            slot = lookup(key)
+            out.append(first + index[key] if slot is None else slot)
+        misses = sum(s >= first for s in out)
+        self.stats.misses += misses
+        self.stats.hits += len(out) - misses
+        self.stats.bytes_in_place += misses * p.pool.slot_nbytes
+        return torch.tensor(out, dtype=torch.long)
+
+    def pool(self, layer: int):
+        """The slot buffer of ``layer``'s block shape [num_slots, *block_shape]; in place, the
+        pair (slot buffer, host blocks) that :meth:`slots` numbers one after the other."""
+        p = self._layer_pool[layer]
+        if self.in_place:
+            return self._in_place_pools[id(p)]
+        return p.pool.buffer
 
     def done(self, layer: int) -> None:
         """Kernels reading this layer's slots are issued: release them after they finish."""
@@ -415,8 +465,10 @@ class BudgetedStore:
         Speculative: queued behind every demand load, cancellable until it starts. Never
         evicts an in-use sub-expert (the current layer's) nor a key in ``protect`` (nearer
         predictions); stops at the first unit that finds no evictable slot. Returns how
-        many loads were issued.
+        many loads were issued (in place none: misses are not loaded).
         """
+        if self.in_place:
+            return 0
         p, S = self._layer_pool[layer], self.layers[layer].parts
         keys = [SubExpertId(layer, u // S, u % S) for u in units]
         keep = set(protect) | set(keys)
@@ -453,7 +505,10 @@ class BudgetedStore:
         return self._layer_pool[layer].policy.contains(SubExpertId(layer, unit // S, unit % S))
 
     def ready(self, layer: int, unit: int) -> bool:
-        """Whether ``unit`` of ``layer`` is resident and its load (if any) has landed."""
+        """Whether ``unit`` of ``layer`` can be computed without waiting: resident with its load
+        (if any) landed, or (in place) any unit."""
+        if self.in_place:
+            return True
         S = self.layers[layer].parts
         key = SubExpertId(layer, unit // S, unit % S)
         if not self._layer_pool[layer].policy.contains(key):
@@ -501,6 +556,7 @@ class BudgetedStore:
             "prefetch_cancelled": s.prefetch_cancelled,
             "prefetched_unused_bytes": s.prefetched_unused_bytes,
             "prefetch_late": s.prefetch_late,
+            "bytes_in_place": s.bytes_in_place,
         }
 
     def resident_bytes(self) -> int:

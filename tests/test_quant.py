@@ -186,6 +186,33 @@ def test_native_blocks_stream_from_the_file_without_a_conversion_tier(tmp_path):
         tier.close()
 
 
+def test_host_blocks_numbered_after_the_slots_are_read_in_place(tmp_path):
+    """QuantUnits over (slot buffer, mapped host blocks): slot i < num_slots reads the slot,
+    num_slots + j reads host block j where it lies in the file; the same sum as one buffer
+    holding them all."""
+    from edge_prism.runtime.transfer import MappedFileTier
+
+    backend = backend_for(torch.device("cpu"))
+    fmt = UnitFormat(n=32, hidden=64, gu_planes=1, dn_planes=2, group=32)
+    blocks = [torch.empty(fmt.nbytes, dtype=torch.uint8) for _ in range(5)]
+    for b, raw in zip(blocks, _units(fmt, 5)):
+        fmt.to_kernel(raw, b, backend)
+    path = tmp_path / "blocks.bin"
+    path.write_bytes(torch.stack(blocks[2:]).numpy().tobytes())
+    tier = MappedFileTier(path, [i * fmt.nbytes for i in range(3)], fmt.nbytes, torch.uint8, (fmt.nbytes,))
+    host = tier.blocks()
+    assert all(torch.equal(h, b) for h, b in zip(host, blocks[2:]))  # views of the file, in index order
+    slots = torch.stack(blocks[:2])  # num_slots = 2
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(1, 64, generator=gen)
+    ids = torch.tensor([0, 3, 1, 4])  # slot 0, host 1, slot 1, host 2
+    wt = torch.rand(4, 1, generator=gen)
+    got = QuantUnits(fmt, backend)(x, (slots, host), ids, wt)
+    want = QuantUnits(fmt, backend)(x, torch.stack(blocks), ids, wt)
+    assert torch.equal(got, want)
+    tier.close()
+
+
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 @pytest.mark.parametrize("planes", [(1, 1), (2, 1), (1, 2)])
 def test_sub_experts_from_slots_and_whole_experts_agree(backend, planes):
@@ -267,10 +294,11 @@ def test_refactor_quant_stays_close_to_float(quant_prisms, family, quant, bound)
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
 @pytest.mark.parametrize("budget", ["60%", "80%"])  # a dense layer at full K is half the model
-def test_quantized_blocks_stream_and_give_the_resident_output(quant_prisms, family, budget):
+@pytest.mark.parametrize("host_tier", ["auto", "disk"])  # CPU: read in place, or copied into slots
+def test_quantized_blocks_stream_and_give_the_resident_output(quant_prisms, family, budget, host_tier):
     path = quant_prisms[family, "int4"]
     resident = edge_prism.load(path)
-    budgeted = edge_prism.load(path, memory_budget=budget)
+    budgeted = edge_prism.load(path, memory_budget=budget, host_tier=host_tier)
     ids = list(range(1, 25))
     # Per-sub-expert kernels (slots) and whole-expert kernels (resident) round their bfloat16
     # outputs at different points: equal within that rounding, not bit for bit; in a MoE
@@ -282,10 +310,54 @@ def test_quantized_blocks_stream_and_give_the_resident_output(quant_prisms, fami
     budgeted.generate_ids(ids, max_new_tokens=6, temperature=0)
     stats = budgeted.stats
     assert stats["resident_bytes"] <= stats["memory_budget_bytes"]
-    assert stats["bytes_to_device"] > 0
-    # Quantized blocks move as they are stored: bytes per miss are the block's bytes.
+    # Quantized blocks move as they are stored: bytes per miss are the block's bytes. On an
+    # AVX-512 CPU they are not moved at all but read in place from the mapped file.
     fmt_bytes = budgeted.model.kernels[0].fmt.nbytes
-    assert stats["bytes_to_device"] % fmt_bytes == 0
+    moved = "bytes_in_place" if budgeted.model.store.in_place else "bytes_to_device"
+    assert stats[moved] > 0 and stats[moved] % fmt_bytes == 0
+    assert stats["misses"] * fmt_bytes == stats["bytes_in_place"] + stats["bytes_to_device"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_cpu_misses_read_in_place_equal_misses_copied_into_slots(quant_prisms, family):
+    """On the CPU a quantized prism's misses are read where they lie in the mapped experts
+    file: the same bits as copying them into slots (host_tier='disk'), nothing moved, the
+    slots fixed on the hottest sub-experts, no prefetcher (nothing to load ahead)."""
+    path = quant_prisms[family, "int4"]
+    native = backend_for(torch.device("cpu")).native_blocks
+    ids = list(range(1, 25))
+    with edge_prism.load(path, device="cpu", memory_budget="60%", prefetch=True) as inplace, \
+            edge_prism.load(path, device="cpu", memory_budget="60%", host_tier="disk") as copied:
+        assert inplace.model.store.in_place is native and not copied.model.store.in_place
+        if not native:
+            pytest.skip("this CPU's int4 packing is not the stored block order: misses are copied")
+        assert inplace.model.prefetcher is None and not inplace.model.store.streams
+        assert torch.equal(inplace.logits(ids), copied.logits(ids))
+        assert inplace.generate_ids(ids, max_new_tokens=6, temperature=0) == \
+            copied.generate_ids(ids, max_new_tokens=6, temperature=0)
+        s, c = inplace.stats, copied.stats
+        assert s["bytes_to_device"] == 0 and s["misses"] > 0 and s["hits"] > 0
+        assert s["resident_bytes"] == c["resident_bytes"] <= s["memory_budget_bytes"]
+        assert all(p.policy.evictions == 0 for p in inplace.model.store._pools.values())  # slots fixed
+        assert any(p.policy.evictions > 0 for p in copied.model.store._pools.values())
+
+
+def test_in_place_needs_a_mapped_host_tier(tmp_path):
+    from edge_prism.errors import ConfigError
+    from edge_prism.runtime.store import BudgetedStore, LayerBlocks
+    from edge_prism.runtime.transfer import FileTier
+
+    fmt = UnitFormat(n=32, hidden=64, gu_planes=1, dn_planes=1, group=32)
+    path = tmp_path / "blocks.bin"
+    path.write_bytes(torch.stack(_units(fmt, 4)).numpy().tobytes())
+    lb = LayerBlocks(layer=0, parts=4, units=4, block_shape=(fmt.nbytes,), dtype=torch.uint8, offset=0,
+                     order=[0, 1, 2, 3], frequency=[4.0, 3.0, 2.0, 1.0], max_selection=2)
+
+    def tiers(group, offsets, nbytes):
+        return FileTier(path, offsets, nbytes, torch.uint8, (fmt.nbytes,))
+
+    with pytest.raises(ConfigError, match="memory-mapped host tier"):
+        BudgetedStore(tiers, [lb], budget_bytes=2 * fmt.nbytes, device=torch.device("cpu"), in_place=True)
 
 
 def test_lower_operating_point_reads_fewer_bytes_under_a_budget(quant_prisms):

@@ -123,7 +123,7 @@ GENERATION_KEYS = {"prompt_tokens", "reused_prompt_tokens", "generated_tokens", 
                    "decode_tokens_per_s", "token_latency_p50_ms", "token_latency_p99_ms"}
 BUDGET_KEYS = {"memory_budget_bytes", "resident_bytes", "hits", "misses", "hit_rate", "bytes_to_device",
                "transfer_wait_s", "prefetch_issued", "prefetch_used", "prefetch_cancelled",
-               "prefetched_unused_bytes", "prefetch_late", "prefetch_precision", "prefetch_recall"}
+               "prefetched_unused_bytes", "prefetch_late", "bytes_in_place", "prefetch_precision", "prefetch_recall"}
 LATENCY_KEYS = {"token_latency_budget_ms", "dropped_subexperts", "dropped_subexperts_per_token",
                 "tokens_within_budget", "cpu_computed_subexperts"}
 
