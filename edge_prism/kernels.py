@@ -155,6 +155,11 @@ class QuantHead(QuantLinear):
 class FFNKernel(Protocol):
     """Weighted sum of selected sub-experts' FFNs, computed in place from a pool."""
 
+    # True: the kernel computes every part of an expert it reads whatever the selection (parts
+    # left out weigh 0), so a selection may list every part of its experts with zero weights
+    # instead of the selected ones alone (no host sync to list them; the same bytes read).
+    reads_whole_experts: bool
+
     def __call__(self, x: torch.Tensor, pool, slots: torch.Tensor, wt: torch.Tensor | None) -> torch.Tensor:
         """x [T, D], slots [P] (CPU int64, ascending unit order), weights [P, T] -> [T, D].
 
@@ -193,6 +198,7 @@ class FloatUnits:
     """Float blocks [slots, 3, n, D]: each run of consecutive slots is a view (no gather copy)."""
 
     bytes_read = 0  # weight bytes the kernel has read (for benchmarks)
+    reads_whole_experts = False  # runs of selected slots only
 
     def __call__(self, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor,
                  wt: torch.Tensor | None) -> torch.Tensor:
@@ -217,6 +223,8 @@ class QuantUnits:
     place (store.BudgetedStore with ``in_place``) numbers host block ``i`` as slot
     ``num_slots + i``; the kernel reads both where they lie.
     """
+
+    reads_whole_experts = False  # the selected sub-experts' blocks only
 
     def __init__(self, fmt: UnitFormat, backend: Int4Backend):
         self.fmt, self.backend = fmt, backend
@@ -285,6 +293,8 @@ class QuantExperts:
     12 per-part calls vs 79 us for the whole 16-part layer, 2-core Xeon). Under a memory
     budget the parts live in separate slots and QuantUnits computes exactly the selected ones.
     """
+
+    reads_whole_experts = True
 
     def __init__(self, fmt: UnitFormat, parts: int, backend: Int4Backend):
         self.fmt, self.S, self.backend = fmt, parts, backend

@@ -631,6 +631,11 @@ class Transformer:
         if T == 1:
             # Decode: the token's units straight from its k (distinct) experts, no [U, T] scatter.
             if self.selector is not None:
+                if self.kernels[layer].reads_whole_experts and self.planner is None:
+                    # Unselected parts weigh 0 in a kernel that computes them anyway: no host
+                    # sync to list the selected ones (the planner drops units: it needs the list).
+                    dense = None if f.routed else self._all_units[layer]
+                    return self.selector.decode_weights(layer, x, topv, topi, dense)  # [P], [P, 1]
                 return self.selector.decode_units(layer, x, topv, topi)  # [P], [P, 1]
             return full_token_units(S, topv, topi, self._part_ids[S], x.dtype)
         if self.selector is None:

@@ -135,6 +135,38 @@ class SubExpertSelector:
         return token_units(flat, wv, keep, x.dtype)
 
 
+    def decode_weights(self, layer: int, x: torch.Tensor, topv: torch.Tensor, topi: torch.Tensor,
+                       dense_units: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token's selection for a kernel that reads whole experts (FFNKernel
+        ``reads_whole_experts``): every part of each routed expert with a quota and a nonzero
+        router weight, units sorted (CPU) [P], weighted [P, 1] by the router's weight where
+        selected and 0 elsewhere. The kernel computes what it computes for decode_units, with
+        no host sync to list the selected parts (none at all for a dense layer:
+        ``dense_units``, its units 0..S-1; None for a routed layer).
+        """
+        S, q = self.parts[layer], self._quota[layer]
+        if q is None:
+            return self.decode_units(layer, x, topv, topi)
+        parts, valid = self._picks(layer, x, topi)  # [1, k, qmax], [k, qmax]
+        k = topi.shape[1]
+        keep = torch.zeros(k, S, dtype=torch.bool, device=x.device).scatter_(1, parts[0], valid)  # [k, S]
+        w = (topv[0, :, None] * keep).to(x.dtype)  # [k, S]
+        if dense_units is not None:
+            return dense_units, w.reshape(S, 1)  # [S], [S, 1]
+        # Which experts' matrices to read: the one host sync of a routed layer.
+        host = torch.cat((topi[0].double(), topv[0].double())).tolist()
+        quota = self.quota_list(layer)
+        ranks = sorted((int(host[j]), j) for j in range(k) if quota[j] > 0 and host[k + j] != 0)
+        units = torch.tensor([e * S + s for e, _ in ranks for s in range(S)], dtype=torch.long)
+        rows = w[[j for _, j in ranks]]  # [k', S]
+        return units, rows.reshape(-1, 1)  # [k'S], [k'S, 1]
+
+    def quota_list(self, layer: int) -> list[int]:
+        """Parts per ranked expert of ``layer`` as ints (all S where no quota applies)."""
+        q = self._quota[layer]
+        return [self.parts[layer]] * self.spec.ffn[layer].top_k if q is None else q.tolist()
+
+
 def full_token_units(S: int, topv: torch.Tensor, topi: torch.Tensor, ids: torch.Tensor,
                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Every part of one token's routed experts: units (sorted, CPU) [P], weights [P, 1];

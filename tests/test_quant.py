@@ -360,6 +360,43 @@ def test_in_place_needs_a_mapped_host_tier(tmp_path):
         BudgetedStore(tiers, [lb], budget_bytes=2 * fmt.nbytes, device=torch.device("cpu"), in_place=True)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_whole_expert_kernels_take_unselected_parts_at_weight_zero(quant_prisms, family, monkeypatch):
+    """Resident quantized experts compute every part of an expert they read, so a decode
+    token hands them all parts with weight 0 where unselected (no host sync to list the
+    selected ones): the nonzero ones are decode_units' selection, and the logits are the
+    same bits as with that list, at every K."""
+    from edge_prism.select import max_operating_point
+
+    engine = edge_prism.load(quant_prisms[family, "int4"], device="cpu")
+    m = engine.model
+    assert all(kern.reads_whole_experts for kern in m.kernels)
+    full = max_operating_point(m.spec, m.parts)
+    gen = torch.Generator().manual_seed(4)
+    prompt, follow = list(range(3, 19)), list(range(40, 46))
+    for k in (1, 3, full - 1):
+        engine.set_operating_point(k)
+        for layer in range(m.spec.num_layers):
+            x = torch.randn(1, m.spec.hidden_size, generator=gen)
+            topv, topi = m.route(layer, x)
+            units, wt = m.unit_weights(layer, x, topv, topi)
+            want_units, want_wt = m.selector.decode_units(layer, x, topv, topi)
+            chosen = wt[:, 0] != 0
+            assert torch.equal(units[chosen], want_units) and torch.equal(wt[chosen], want_wt), (k, layer)
+            assert units.numel() % m.parts[layer] == 0  # whole experts
+
+        def decode() -> torch.Tensor:
+            engine.reset()
+            m.forward(torch.tensor(prompt))
+            return torch.stack([m.forward(torch.tensor([t]))[-1] for t in follow])
+
+        whole = decode()
+        with monkeypatch.context() as mp:
+            mp.setattr(QuantExperts, "reads_whole_experts", False)
+            listed = decode()
+        assert torch.equal(whole, listed), k
+
+
 def test_lower_operating_point_reads_fewer_bytes_under_a_budget(quant_prisms):
     path = quant_prisms["qwen3_moe", "int4"]
     ids = list(range(1, 12))

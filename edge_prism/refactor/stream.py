@@ -129,6 +129,8 @@ class _LazyExperts:
     from the source when it is used and dropped after (a model.FFNKernel over a pool that is
     the layer number)."""
 
+    reads_whole_experts = False  # it reads the selected experts only
+
     def __init__(self, spec: ModelSpec, reader: TensorReader):
         self.spec, self.reader = spec, reader
 
