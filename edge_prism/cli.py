@@ -127,7 +127,8 @@ def cmd_refactor(args: argparse.Namespace) -> int:
     cfg = RefactorConfig(sub_experts=args.sub_experts, calib_files=tuple(Path(f) for f in args.calib_file),
                          calib_tokens=args.calib_tokens, generated_share=args.generated_share,
                          solver=args.solver, seed=args.seed,
-                         default_gate=args.gate, quant=args.quant, group_size=args.group_size)
+                         default_gate=args.gate, quant=args.quant, group_size=args.group_size,
+                         permuted_down=args.permuted_down)
     report = refactor(args.model, Path(args.out), cfg, force=args.force, progress=True)
     obj = ", ".join(f"{k} {v:.4g}" for k, v in sorted(report.objective.items()))
     print(f"wrote {report.out} in {report.seconds:.1f} s ({report.calib_tokens} calibration tokens; "
@@ -244,7 +245,7 @@ Command = Callable[[argparse.Namespace], int]
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     """The argument parser and the handler of each subcommand."""
-    from edge_prism.refactor.refactor import QUANT_HELP
+    from edge_prism.refactor.refactor import PERMUTED_DOWN, PERMUTED_DOWN_HELP, QUANT_HELP
 
     parser = argparse.ArgumentParser(
         prog="edge-prism",
@@ -286,6 +287,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
                      help="precision of the stored weights: " + QUANT_HELP)
     ref.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128, 256),
                      help="values sharing one scale and zero when quantizing float weights (default 32)")
+    ref.add_argument("--permuted-down", default="int8", choices=PERMUTED_DOWN, help=PERMUTED_DOWN_HELP)
     ref.add_argument("--seed", type=int, default=0)
     ref.add_argument("--force", action="store_true", help="replace an existing output")
     handlers["refactor"] = cmd_refactor

@@ -307,6 +307,13 @@ class QMatrix:
         out_sz[:, :, :rows] = sz[:, :, index]
         return QMatrix._from_parts(out_c, out_sz, rows)
 
+    def take_col_groups(self, groups: torch.Tensor | Sequence[int]) -> "QMatrix":
+        """Whole quantization groups of columns (group ``j``: columns j*g .. j*g+g-1), in that
+        order: codes and their (scale, zero) pairs move together, so the values are exact."""
+        groups = torch.as_tensor(groups, dtype=torch.long)
+        cols = (groups[:, None] * self.group + torch.arange(self.group)).reshape(-1)
+        return QMatrix(self.codes[:, :, cols].contiguous(), self.sz[groups].contiguous(), self.rows, self.planes)
+
     @staticmethod
     def cat_rows(mats: Sequence["QMatrix"]) -> "QMatrix":
         """Rows of ``mats`` stacked (same K and group; planes are unified)."""

@@ -349,43 +349,64 @@ def test_deepseek2_missing_or_inconsistent_keys_are_named(deepseek_gguf, tmp_pat
 # -- prisms from MoE GGUF files -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gguf_prism(tiny_checkpoint, default_model_path, tmp_path_factory):
-    """A Q4_0 qwen3moe GGUF with the default model's tokenizer, refactored (quant auto)."""
-    from edge_prism.refactor.refactor import RefactorConfig, refactor
+    """A Q4_0 qwen3moe GGUF with the default model's tokenizer and its prisms (quant auto) per
+    way of storing W_down (RefactorConfig.permuted_down): {mode: path}."""
+    from edge_prism.refactor.refactor import PERMUTED_DOWN, RefactorConfig, refactor
 
+    # 128 neurons per expert: 4 Q4_0 groups of 32 along W_down's columns; 2 sub-experts of 2 groups.
     src = tiny_checkpoint("qwen3_moe", vocab_size=49152, tokenizer=False)
     d = tmp_path_factory.mktemp("ggufprism")
     path = hf_to_gguf(src, d / "q.gguf", expert_type=Q.Q4_0, tokenizer_from=default_model_path)
-    out = d / "q.prism"
-    refactor(path, out, RefactorConfig(calib_tokens=256, rows_per_expert=128, seq_len=64, sub_experts=4),
-             progress=False)
-    return path, out
+    fast = dict(calib_tokens=256, rows_per_expert=128, seq_len=64, sub_experts=2)
+    prisms = {}
+    for mode in PERMUTED_DOWN:
+        prisms[mode] = d / f"q-{mode}.prism"
+        refactor(path, prisms[mode], RefactorConfig(**fast, permuted_down=mode), progress=False)
+    return path, prisms
 
 
-def test_moe_gguf_refactors_with_its_gate_up_rows_exact(gguf_prism):
+def test_moe_gguf_refactors_with_its_values_exact(gguf_prism):
+    """W_gate/W_up rows move whole, bit for bit the file's values. W_down: with whole groups
+    each sub-expert's columns are the file's groups as stored (bit for bit); quantized again,
+    int8 stays near the file's values and the source's 4 bits do not. The recorded error is
+    against the file's float values (bfloat16 scales, the kernels' format, lose a little)."""
     from edge_prism.refactor.prism import open_prism
 
-    path, prism = gguf_prism
-    pc = open_prism(prism)
-    fmt = pc.unit_format(0)
-    assert fmt is not None and fmt.gu_planes == 1 and fmt.dn_planes == 1  # Q4_0 stays 4-bit
+    path, prisms = gguf_prism
     raw = load_gguf(path)
-    gate, up, down = pc.unit_matrices(0)  # [U, n, D], [U, n, D], [U, D, n]
-    perm = pc.gate_tensor("layers.0.perm")  # [E, W]
-    S, n = pc.parts[0], gate.shape[1]
-    for e in range(2):
-        src_gate = raw.tensors.quantized(f"model.layers.0.mlp.experts.{e}.gate_proj.weight").dequantize()
-        for s in range(S):
-            # Whole rows of the file's quantized matrix: bit for bit the same values.
-            assert torch.equal(gate[e * S + s], src_gate[perm[e, s * n:(s + 1) * n]])
-    assert pc.manifest["quant"]["relative_error"]["down"] > 0  # W_down's groups rebuilt, measured
+    errors = {}
+    for mode, prism in prisms.items():
+        pc = open_prism(prism)
+        fmt = pc.unit_format(0)
+        assert fmt is not None and fmt.gu_planes == 1  # Q4_0 stays 4-bit
+        assert fmt.dn_planes == (2 if mode == "int8" else 1)
+        gate, up, down = pc.unit_matrices(0)  # [U, n, D], [U, n, D], [U, D, n]
+        perm = pc.gate_tensor("layers.0.perm")  # [E, W]
+        S, n = pc.parts[0], gate.shape[1]
+        for e in range(2):
+            name = f"model.layers.0.mlp.experts.{e}"
+            src_gate = raw.tensors.quantized(f"{name}.gate_proj.weight").dequantize()
+            src_down = raw.tensors.quantized(f"{name}.down_proj.weight").dequantize()  # [D, W]
+            for s in range(S):
+                idx = perm[e, s * n:(s + 1) * n]
+                assert torch.equal(gate[e * S + s], src_gate[idx])
+                if mode == "whole-groups":
+                    assert bool((idx.view(-1, 32)[:, 0] % 32 == 0).all())  # whole groups of 32 neurons
+                    assert torch.equal(down[e * S + s], src_down[:, idx])
+        errors[mode] = pc.manifest["quant"]["relative_error"]["down"]
+    assert 0 <= errors["whole-groups"] < 0.01
+    assert errors["int8"] < 2 * errors["whole-groups"] + 0.005 < errors["source"]
 
 
 def test_moe_gguf_prism_tracks_the_file(gguf_prism):
-    path, prism = gguf_prism
-    a, b = edge_prism.load(prism).logits(IDS), edge_prism.load(path).logits(IDS)
-    assert relative_error(a, b) < 0.05
-    budgeted = edge_prism.load(prism, memory_budget="60%")
-    assert relative_error(budgeted.logits(IDS), b) < 0.05
+    path, prisms = gguf_prism
+    b = edge_prism.load(path).logits(IDS)
+    err = {mode: relative_error(edge_prism.load(prism).logits(IDS), b) for mode, prism in prisms.items()}
+    # Whole groups: the same values, only the order of the sums (neurons permuted) differs.
+    assert err["whole-groups"] < 0.01 and err["int8"] < 0.02
+    assert max(err["whole-groups"], err["int8"]) < err["source"]
+    budgeted = edge_prism.load(prisms["int8"], memory_budget="60%")
+    assert relative_error(budgeted.logits(IDS), b) < 0.02
 
 
 # -- llama.cpp's own converter and llama.cpp itself (optional) ---------------------------------------

@@ -57,6 +57,19 @@ def test_rows_move_whole_and_join_exactly():
     assert torch.equal(QMatrix.cat_cols([c, d]).dequantize(), torch.cat((c.dequantize(), d.dequantize()), 1))
 
 
+def test_whole_column_groups_move_exactly():
+    from edge_prism.refactor.refactor import whole_groups_of
+
+    q = QMatrix.quantize(torch.randn(100, 128), "int8", 32)  # 2 planes, 100 rows (padded)
+    groups = torch.tensor([3, 0, 2])
+    cols = torch.cat([torch.arange(g * 32, g * 32 + 32) for g in groups.tolist()])
+    assert torch.equal(q.take_col_groups(groups).dequantize(), q.dequantize()[:, cols])
+    assert torch.equal(whole_groups_of(cols, 32), groups)
+    assert whole_groups_of(cols.flip(0), 32) is None  # reversed inside a group
+    assert whole_groups_of(torch.arange(16, 48), 32) is None  # not aligned
+    assert whole_groups_of(torch.arange(48), 32) is None  # not whole
+
+
 def test_affine_groups_map_exactly_up_to_bfloat16_scales():
     gen = torch.Generator().manual_seed(2)
     q = torch.randint(0, 16, (64, 64), generator=gen)
