@@ -134,7 +134,6 @@ class SubExpertSelector:
         keep = valid & (wv != 0)  # a zero router weight (group-limited routing) computes nothing
         return token_units(flat, wv, keep, x.dtype)
 
-
     def decode_weights(self, layer: int, x: torch.Tensor, topv: torch.Tensor, topi: torch.Tensor,
                        dense_units: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One token's selection for a kernel that reads whole experts (FFNKernel
@@ -155,16 +154,11 @@ class SubExpertSelector:
             return dense_units, w.reshape(S, 1)  # [S], [S, 1]
         # Which experts' matrices to read: the one host sync of a routed layer.
         host = torch.cat((topi[0].double(), topv[0].double())).tolist()
-        quota = self.quota_list(layer)
+        quota = q.tolist()
         ranks = sorted((int(host[j]), j) for j in range(k) if quota[j] > 0 and host[k + j] != 0)
         units = torch.tensor([e * S + s for e, _ in ranks for s in range(S)], dtype=torch.long)
         rows = w[[j for _, j in ranks]]  # [k', S]
         return units, rows.reshape(-1, 1)  # [k'S], [k'S, 1]
-
-    def quota_list(self, layer: int) -> list[int]:
-        """Parts per ranked expert of ``layer`` as ints (all S where no quota applies)."""
-        q = self._quota[layer]
-        return [self.parts[layer]] * self.spec.ffn[layer].top_k if q is None else q.tolist()
 
 
 def full_token_units(S: int, topv: torch.Tensor, topi: torch.Tensor, ids: torch.Tensor,

@@ -73,6 +73,9 @@ class _Pool:
     index: dict[SubExpertId, int]  # key -> block index in this pool's host tier
     min_slots: int
     hottest: list[SubExpertId]  # every key of the pool, hottest first (warm-up order)
+    # In place: the slot buffer and the host tier's blocks, numbered after the slots (the
+    # kernels' view of the pool, BudgetedStore.pool).
+    in_place: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
 
 
 @dataclass
@@ -260,10 +263,8 @@ class BudgetedStore:
                 self._pools[key] = self._make_pool(tiers, group, slots[key], policy=policy, workers=workers)
             self._layer_pool = [self._pools[(lb.block_shape, lb.dtype)] for lb in self.layers]
             self._warm()
-            # In place: per pool, the slot buffer and the host tier's blocks numbered after the
-            # slots (the kernels' view of the pool), made once.
-            self._in_place_pools = {id(p): (p.pool.buffer, self._host_views(p)) for p in self._pools.values()
-                                    } if in_place else {}
+            for p in self._pools.values() if in_place else ():
+                p.in_place = (p.pool.buffer, self._host_views(p))
         except BaseException:
             self.close()
             raise
@@ -398,9 +399,7 @@ class BudgetedStore:
         """The slot buffer of ``layer``'s block shape [num_slots, *block_shape]; in place, the
         pair (slot buffer, host blocks) that :meth:`slots` numbers one after the other."""
         p = self._layer_pool[layer]
-        if self.in_place:
-            return self._in_place_pools[id(p)]
-        return p.pool.buffer
+        return p.pool.buffer if p.in_place is None else p.in_place
 
     def done(self, layer: int) -> None:
         """Kernels reading this layer's slots are issued: release them after they finish."""
@@ -588,4 +587,5 @@ class BudgetedStore:
             p.transfer.close()
         for p in self._pools.values():
             p.pool.release()
+            p.in_place = None  # its references to the slot buffer and the mapping
             p.transfer.tier = None
