@@ -1,11 +1,11 @@
 """QoS planner: keep a token-latency budget by running fewer sub-experts, never stalling.
 
 per decode token: start_token() -> per layer: measure the last segment (OnlineCost learns
-fixed + per-resident + per-missing time) -> values and costs of this layer's sub-experts
--> the time left (less a miss-rate slack), less the fixed cost of the layers to come ->
-this layer's even share of it against what this and the later layers want -> keep its
-most valuable sub-experts that fit (never fewer than its most valuable one) ->
-end_token() learns the head's time and the slack.
+fixed + per-resident + per-missing time) -> this layer's sub-experts in operating-point
+order and the cost of each prefix -> the time left (less a miss-rate slack), less the
+fixed cost of the layers to come -> the largest operating point this layer and the later
+ones (at their previous token's costs) fit in, never below the floor -> keep that prefix,
+longer where the time left allows -> end_token() learns the head's time and the slack.
 
 Without a budget the planner is not installed and nothing is dropped.
 
@@ -399,15 +399,17 @@ SLACK_STEP = 0.02  # of the budget, per missed token (a met token takes back MIS
 class LatencyPlanner:
     """Trims each decode token's selection to fit ``budget_s`` (a model.Planner).
 
-    At each layer, every sub-expert it selected has a value (its expert's router weight x
-    its share of the expert's predicted activation mass, from the sub-expert gate) and the
-    layer a cost (OnlineCost: max(device FFN, host side) + the host result's copy back, the
-    device's missing loads queued on the transfer engine's lanes, the missing units split
-    between device and host where that is least). The time left to the deadline, less the fixed
-    cost of the layers to come and the head, is shared between this layer and the later
-    ones in proportion to what they want (the later layers' selections of the previous token
-    are the best guess of theirs); this layer keeps its most valuable sub-experts that fit
-    in its share, the most valuable one always. Nothing is dropped while everything fits.
+    A token runs at an operating point chosen for it: at each layer, the largest number of
+    sub-experts that this layer and every later one can keep and still meet the deadline,
+    taken in the order operating points take them (:meth:`order`: the routed experts' best
+    parts by sub-expert gate score, shared among them as select.quotas shares a fixed K), so
+    a trimmed layer keeps what the fixed K it trims to would keep. Its cost is OnlineCost's:
+    max(device FFN, host side) + the host result's copy back, the device's missing loads
+    queued on the transfer engine's lanes, the missing units split between device and host
+    where that is least; the later layers' costs are their previous token's. A layer never
+    keeps fewer than ``min_share`` of its selection (the floor: half of it by default, the
+    lowest operating point the latency sweep compares with). Nothing is dropped while
+    everything fits.
 
     The deadline planned for is the budget less a slack: a stochastic quantile tracker that
     grows on each token that missed and shrinks on each that met it, so that about MISS_RATE
@@ -419,10 +421,15 @@ class LatencyPlanner:
     [P]-sized vectors cost more than the sub-experts the plan saved on a small model.
     """
 
-    def __init__(self, model, store, cost: CostModel, *, budget_s: float, load_lanes: int | None = None):
+    def __init__(self, model, store, cost: CostModel, *, budget_s: float, load_lanes: int | None = None,
+                 min_share: float = 0.5):
         """``load_lanes``: how many missing sub-experts the store's transfer engine loads at
-        once; None: what the store says (:func:`transfer_lanes`), else ``cost.workers``."""
+        once; None: what the store says (:func:`transfer_lanes`), else ``cost.workers``.
+        ``min_share``: the share of a layer's selection it always keeps (at least one)."""
+        if not 0.0 <= min_share <= 1.0:
+            raise ConfigError(f"invalid min_share {min_share!r}: use a share between 0 and 1")
         self.model, self.store, self.cost, self.budget_s = model, store, cost, budget_s
+        self.min_share = float(min_share)
         self.L = model.spec.num_layers
         if load_lanes is None:
             load_lanes = transfer_lanes(store) or cost.workers
@@ -440,8 +447,8 @@ class LatencyPlanner:
         self._t0 = time.perf_counter()
         # (time of the last plan, ready kept, missing kept on the device, kept on the host)
         self._last: tuple[float, int, int, int] | None = None
-        # per layer, from the previous token: the time its selection wanted
-        self._seen: list[float | None] = [None] * self.L
+        # per layer, from the previous token: its FFN time at each operating point (prefix) [P]
+        self._seen: list[np.ndarray | None] = [None] * self.L
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -478,22 +485,28 @@ class LatencyPlanner:
             self.slack_s -= step * MISS_RATE / (1 - MISS_RATE)
         self.slack_s = min(max(self.slack_s, 0.0), 0.5 * self.budget_s)
 
-    def values(self, layer: int, x: torch.Tensor, ids: np.ndarray, wt: torch.Tensor,
-               topi: torch.Tensor) -> np.ndarray:
-        """Value of each selected unit [P] (``ids``: their unit numbers): router weight x its
-        share of the expert's predicted mass (sub-expert gate scores, clamped at 0); without
-        scores, a hottest-first rank."""
+    def order(self, layer: int, x: torch.Tensor, ids: np.ndarray, topi: torch.Tensor) -> np.ndarray:
+        """Indices into ``ids`` [P] in the order operating points take them: operating point K
+        keeps the first K. As select.quotas shares K among a token's routed experts (remainder
+        to the higher ranks), the expert of rank j gets its r-th best part (by sub-expert gate
+        score; without scores, by part number: hottest first) at place r * k + j."""
         S = self.model.parts[layer]
+        P = ids.shape[0]
         part = ids % S
-        weight = wt[:, 0].double().cpu().numpy()
-        scores = self.model.part_scores(layer, x, topi)  # [1, k, S] or None
-        if scores is None:
-            return weight * (1.0 - part / (2 * S))
-        mass = scores[0].double().clamp_min(0).cpu().numpy()  # [k, S]
-        share = mass / np.maximum(mass.sum(-1, keepdims=True), 1e-12)  # [k, S]
         experts = topi[0].cpu().numpy()  # [k], the routed experts in rank order
-        rows = (ids // S)[:, None] == experts[None, :]  # [P, k]: which rank each unit's expert has
-        return weight * (share[rows.argmax(1), part] + 1e-6)  # a tiny floor keeps zero-mass parts ordered
+        k = experts.shape[0]
+        rank = ((ids // S)[:, None] == experts[None, :]).argmax(1)  # [P]: the rank of each unit's expert
+        scores = self.model.part_scores(layer, x, topi)  # [1, k, S] or None
+        key = part if scores is None else -scores[0].float().cpu().numpy()[rank, part]
+        by_expert = np.lexsort((key, rank))  # [P]: expert by expert, best part first
+        grouped = rank[by_expert]
+        within = np.empty(P, dtype=np.int64)
+        within[by_expert] = np.arange(P) - np.searchsorted(grouped, grouped)  # [P]: r
+        return np.argsort(within * k + rank, kind="stable")
+
+    def floor(self, P: int) -> int:
+        """The fewest of ``P`` selected sub-experts a layer keeps, however late the token."""
+        return min(P, max(1, math.ceil(self.min_share * P)))
 
     def plan(self, layer: int, x: torch.Tensor, units: torch.Tensor, wt: torch.Tensor,
              topi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -503,8 +516,7 @@ class LatencyPlanner:
         are computed on the host from host memory instead of waiting for their copies where
         that makes the layer shorter (CUDA): max(device FFN, x's copy to the host + their
         reads, conversions and host FFN) + the result's copy back, against the device FFN
-        with their loads queued on the transfer lanes; the rest that do not fit in this
-        layer's share of the time left are dropped.
+        with their loads queued on the transfer lanes; the rest that do not fit are dropped.
         """
         now = time.perf_counter()
         fit = self.fit
@@ -517,35 +529,40 @@ class LatencyPlanner:
             self._last = (now, 0, 0, 0)
             return units, wt, units, wt
         ready = np.fromiter((self.store.ready(layer, u) for u in ids.tolist()), dtype=bool, count=P)
-        value = self.values(layer, x, ids, wt, topi)  # [P]
-        order = np.argsort(-value, kind="stable")
-        # The layer's FFN time for each prefix of its units, most valuable first, and how many
-        # of the prefix's missing units the host takes.
+        order = self.order(layer, x, ids, topi)  # [P]
+        # The layer's FFN time at each operating point (prefix of ``order``) and how many of
+        # the prefix's missing units the host takes.
         cost, n_host = fit.prefix_costs(ready[order], host=self._host_ok[layer])  # [P], [P]
+        self._seen[layer] = cost
         left = (self.budget_s - self.slack_s - (now - self._t0) - self.head_s
                 - (self.L - 1 - layer) * fit.fixed_s)
+        # What the layers still to come would take at each operating point: their costs of
+        # the previous token, or this layer's where they have none yet.
+        ks = np.arange(1, P + 1)
         later = [s for s in self._seen[layer + 1:] if s is not None]
-        total = float(cost[-1])
-        demand = total + sum(later)
-        self._seen[layer] = total
+        unseen = self.L - 1 - layer - len(later)
+
+        def later_s(n):
+            return sum((s[np.minimum(n, s.shape[0]) - 1] for s in later), unseen * cost[n - 1])
+
         n_keep = P
-        if demand > left:
-            # This layer gets the share of its wanted time that the deadline leaves every layer
-            # still to come, and keeps its most valuable sub-experts, in order, while they fit
-            # (a costly missing one ends the list rather than being passed over for cheaper
-            # resident ones). An even share trims every layer alike, as a lower operating
-            # point does. Measured on the default model (scripts/latency_sweep.py): one price
-            # per second across layers (the cheapest sub-experts anywhere kept first) emptied
-            # some layers; skipping a costly sub-expert for cheaper ones after it kept the
-            # resident set instead of the token's best; both cost more KL per dropped
-            # sub-expert than this. The most valuable one is always kept (the floor).
-            allowed = max(left, 0.0) / demand * total
-            over = cost > allowed
-            n_keep = max(int(over.argmax()) if over.any() else P, 1)
+        if cost[-1] + later_s(P) > left:
+            # One operating point for this layer and every later one, the largest that fits
+            # (never below the floor): the token runs as the best fixed K would, chosen anew
+            # at every layer from the time actually left. Time this layer can use beyond it
+            # while the later layers keep that point goes to more of its own sub-experts.
+            # Measured on the default model (scripts/latency_sweep.py): trimming each layer
+            # to its share of the time left, most valuable sub-experts first and one kept at
+            # the least, dropped the last layers of a late token to that one and cost 5-10x
+            # the KL of the fixed operating point meeting the same budget.
+            fits = np.flatnonzero(cost + later_s(ks) <= left)
+            n = max(int(fits[-1]) + 1 if fits.size else 0, self.floor(P))
+            room = left - later_s(n)
+            n_keep = min(max(n, int(np.searchsorted(cost, room, side="right"))), P)
         kept = order[:n_keep]
         n_hst = int(n_host[n_keep - 1])
         to_host = np.zeros(P, dtype=bool)
-        if n_hst:  # the least valuable of the kept missing units
+        if n_hst:  # the last kept of the missing units
             to_host[kept[~ready[kept]][-n_hst:]] = True
         keep = np.zeros(P, dtype=bool)
         keep[kept] = True

@@ -78,7 +78,7 @@ def frozen_clock(monkeypatch):
 
 
 def _planner(budget_s, *, ready, lanes=1, host_s=None, d2h_s=None, h2d_s=None, block_dtype=torch.float32,
-             workers=2):
+             workers=2, min_share=0.5):
     S = 4
     model = SimpleNamespace(spec=SimpleNamespace(num_layers=1), parts=[S], part_scores=lambda layer, x, topi: None)
     store = SimpleNamespace(block_nbytes=lambda layer: 2000, ready=lambda layer, u: ready[u],
@@ -87,14 +87,14 @@ def _planner(budget_s, *, ready, lanes=1, host_s=None, d2h_s=None, h2d_s=None, b
     # a unit: 1 ms; a load: 2 ms
     cost = CostModel(device="fake", h2d_bytes_per_s=1e6, copy_overhead_s=0.0, unit_s=MS, layer_fixed_s=0.0,
                      head_s=0.0, workers=workers, host_unit_s=host_s, d2h_s=d2h_s, h2d_result_s=h2d_s)
-    planner = LatencyPlanner(model, store, cost, budget_s=budget_s, load_lanes=lanes)
+    planner = LatencyPlanner(model, store, cost, budget_s=budget_s, load_lanes=lanes, min_share=min_share)
     planner.start_token()
     return planner
 
 
 def _selection():
-    # Token routed to experts 2 (weight .7) and 0 (weight .3); all 4 parts of each: value
-    # order 8, 9, 10, 11, 0, 1, 2, 3.
+    # Token routed to experts 2 (weight .7) and 0 (weight .3); all 4 parts of each, no gate
+    # scores: operating-point order 8, 0, 9, 1, 10, 2, 11, 3.
     return torch.tensor([0, 1, 2, 3, 8, 9, 10, 11]), torch.tensor([[.3]] * 4 + [[.7]] * 4), torch.tensor([[2, 0]])
 
 
@@ -133,11 +133,11 @@ def test_the_host_wins_against_one_lane_and_loses_against_two(frozen_clock):
 
 def test_one_lane_fits_one_of_two_misses_where_two_lanes_fit_both(frozen_clock):
     ready = {u: True for u in range(12)}
-    ready[8] = ready[9] = False  # the two most valuable units are missing: 3 ms each alone
-    # one lane: 3, 6, 7, ... ms; two lanes: 3, 4, 5, ... ms; 4.5 ms left
-    one = _planner(4.5 * MS, ready=ready, lanes=1)
-    two = _planner(4.5 * MS, ready=ready, lanes=2)
-    assert _plan(one)[0] == [8] and _plan(two)[0] == [8, 9]
+    ready[8] = ready[0] = False  # the first two units in order are missing: 3 ms each alone
+    # one lane: 3, 6, 7, ... ms; two lanes: 3, 4, 5, ... ms; 4.5 ms left (no floor)
+    one = _planner(4.5 * MS, ready=ready, lanes=1, min_share=0.0)
+    two = _planner(4.5 * MS, ready=ready, lanes=2, min_share=0.0)
+    assert _plan(one)[0] == [8] and _plan(two)[0] == [0, 8]
     assert one.dropped == 7 and two.dropped == 6
 
 

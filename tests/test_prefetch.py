@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import edge_prism
+from edge_prism.errors import ConfigError
 from edge_prism.runtime.planner import CostModel, LatencyPlanner
 
 PROMPT = list(range(70, 94))
@@ -126,7 +127,7 @@ def test_stale_prefetches_still_queued_are_cancelled(olmoe):
 
 
 # -- planner ------------------------------------------------------------------------------
-def _fake_planner(budget_s: float, scores=None, ready=None, nbytes=1000):
+def _fake_planner(budget_s: float, scores=None, ready=None, nbytes=1000, min_share=0.0):
     S = 4
     model = SimpleNamespace(spec=SimpleNamespace(num_layers=1), parts=[S],
                             part_scores=lambda layer, x, topi: scores)
@@ -134,7 +135,7 @@ def _fake_planner(budget_s: float, scores=None, ready=None, nbytes=1000):
                             ready=lambda layer, u: True if ready is None else ready[u])
     cost = CostModel(device="fake", h2d_bytes_per_s=1e6, copy_overhead_s=0.0, unit_s=0.001,
                      layer_fixed_s=0.0, head_s=0.0, workers=1)
-    planner = LatencyPlanner(model, store, cost, budget_s=budget_s)
+    planner = LatencyPlanner(model, store, cost, budget_s=budget_s, min_share=min_share)
     planner.start_token()
     return planner
 
@@ -153,41 +154,94 @@ def test_planner_keeps_everything_within_budget():
     assert kept.tolist() == units.tolist() and torch.equal(kw, wt)
 
 
-def test_planner_drops_lowest_priority_first():
+def test_planner_trims_to_the_operating_point_that_fits():
     units, wt, topi = _selection()
     planner = _fake_planner(0.0035)  # 3 units of compute fit
     kept, kw, _, _ = planner.plan(0, torch.zeros(1, 8), units, wt, topi)
-    # Expert 2 (higher router weight) keeps its hottest parts first: 8, 9, 10.
-    assert kept.tolist() == [8, 9, 10] and planner.dropped == 5
-    assert torch.equal(kw, torch.tensor([[.7]] * 3))
+    # What operating point 3 keeps (select.quotas: 2 parts for the first-ranked expert 2, 1 for
+    # expert 0), hottest parts first: 8, 9 and 0.
+    assert kept.tolist() == [0, 8, 9] and planner.dropped == 5
+    assert torch.equal(kw, torch.tensor([[.3], [.7], [.7]]))
 
 
-def test_planner_values_parts_by_their_share_of_predicted_mass():
+def test_planner_ranks_each_experts_parts_by_gate_score():
     units, wt, topi = _selection()
-    scores = torch.tensor([[[0., 0., 0., 9.], [5., 0., 0., 0.]]])  # expert 2: part 3 holds all its mass
+    scores = torch.tensor([[[0., 0., 0., 9.], [5., 0., 0., 0.]]])  # expert 2: part 3 scores highest
     kept, _, _, _ = _fake_planner(0.0025, scores=scores).plan(0, torch.zeros(1, 8), units, wt, topi)
-    # Expert 2's part 3 (.7 x 1) first, then expert 0's part 0 (.3 x 1), before expert 2's
-    # parts the gate predicts to be empty (.7 x 0).
+    # Each routed expert's best part by score: expert 2's part 3, expert 0's part 0.
     assert kept.tolist() == [0, 11]
 
 
-def test_planner_never_drops_the_floor():
+@pytest.mark.parametrize("k_routed,S", [(1, 16), (2, 4), (3, 5)])
+def test_planner_order_is_every_fixed_operating_points_selection(k_routed, S):
+    """Each prefix of the planner's order is the selection the fixed operating point of its
+    length makes (select.quotas per ranked expert, best parts by the same gate scores)."""
+    from edge_prism.select import quotas
+
+    gen = torch.Generator().manual_seed(k_routed * 100 + S)
+    experts = torch.randperm(6, generator=gen)[:k_routed]
+    topi = experts[None]
+    scores = torch.randn(1, k_routed, S, generator=gen)
+    model = SimpleNamespace(spec=SimpleNamespace(num_layers=1), parts=[S],
+                            part_scores=lambda layer, x, t: scores)
+    store = SimpleNamespace(block_nbytes=lambda layer: 1000, ready=lambda layer, u: True)
+    cost = CostModel(device="fake", h2d_bytes_per_s=1e6, copy_overhead_s=0.0, unit_s=0.001,
+                     layer_fixed_s=0.0, head_s=0.0, workers=1)
+    planner = LatencyPlanner(model, store, cost, budget_s=1.0)
+    ids = torch.sort((experts[:, None] * S + torch.arange(S)).reshape(-1)).values.numpy()
+    order = planner.order(0, torch.zeros(1, 8), ids, topi)
+    for K in range(1, k_routed * S + 1):
+        fixed = {int(experts[j]) * S + int(p) for j, q in enumerate(quotas(K, k_routed, S))
+                 for p in scores[0, j].topk(q).indices}
+        assert set(ids[order[:K]].tolist()) == fixed
+
+
+def test_planner_never_drops_below_the_floor():
     units, wt, topi = _selection()
-    planner = _fake_planner(0.0)  # nothing fits
-    kept, _, _, _ = planner.plan(0, torch.zeros(1, 8), units, wt, topi)
-    assert kept.tolist() == [8]  # top part of the top expert
+    kept, _, _, _ = _fake_planner(0.0).plan(0, torch.zeros(1, 8), units, wt, topi)  # nothing fits
+    assert kept.tolist() == [8]  # no floor: the top part of the top expert
+    kept, _, _, _ = _fake_planner(0.0, min_share=0.5).plan(0, torch.zeros(1, 8), units, wt, topi)
+    assert kept.tolist() == [0, 1, 8, 9]  # half of the selection: operating point 4
+    with pytest.raises(ConfigError, match="min_share"):
+        _fake_planner(1.0, min_share=1.5)
 
 
 def test_planner_keeps_the_most_valuable_in_order_and_counts_missing_ones_dearer():
     units, wt, topi = _selection()
     ready = {u: True for u in units.tolist()}
-    ready[10] = False  # loading it costs 2 ms more
+    ready[9] = False  # loading it costs 2 ms more
     kept, _, _, _ = _fake_planner(0.0035, ready=ready, nbytes=2000).plan(0, torch.zeros(1, 8), units, wt, topi)
-    # 8 and 9 fit (2 ms); 10 would need 3 ms more, and the list ends there: cheaper resident
-    # parts after it (11, then expert 0's) are not taken in its place.
-    assert kept.tolist() == [8, 9]
+    # 8 and 0 fit (2 ms); 9 would need 3 ms more, and the list ends there: cheaper resident
+    # parts after it (1, 10, ...) are not taken in its place.
+    assert kept.tolist() == [0, 8]
     everything_ready = _fake_planner(0.0035, nbytes=2000).plan(0, torch.zeros(1, 8), units, wt, topi)[0]
-    assert everything_ready.tolist() == [8, 9, 10]
+    assert everything_ready.tolist() == [0, 8, 9]
+
+
+def test_planner_leaves_the_later_layers_the_same_operating_point(monkeypatch):
+    """Two layers of 8 units at 1 ms each and a 10 ms budget: the first layer keeps 5, not the
+    8 that fit in the time left alone, so the second can keep 5 too (one operating point for
+    the token, as a fixed K would run), and the token meets its budget."""
+    from edge_prism.runtime import planner as planner_mod
+
+    clock = [0.0]
+    monkeypatch.setattr(planner_mod, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    model = SimpleNamespace(spec=SimpleNamespace(num_layers=2), parts=[8, 8],
+                            part_scores=lambda layer, x, topi: None)
+    store = SimpleNamespace(block_nbytes=lambda layer: 1000, ready=lambda layer, u: True)
+    cost = CostModel(device="fake", h2d_bytes_per_s=1e6, copy_overhead_s=0.0, unit_s=0.001,
+                     layer_fixed_s=0.0, head_s=0.0, workers=1)
+    planner = LatencyPlanner(model, store, cost, budget_s=0.0101, min_share=0.0)
+    units, wt, topi = torch.arange(8), torch.ones(8, 1), torch.tensor([[0]])
+    for _ in range(3):
+        planner.start_token()
+        kept = []
+        for layer in range(2):
+            k = planner.plan(layer, torch.zeros(1, 8), units, wt, topi)[0].numel()
+            kept.append(k)
+            clock[0] += 0.001 * k  # the segment takes what the plan predicted
+        planner.end_token()
+        assert kept == [5, 5]
 
 
 def test_no_latency_budget_drops_nothing_and_generous_budget_is_exact(olmoe):
