@@ -107,8 +107,8 @@ def profiles_dir() -> Path:
 
 
 # Profiles of an older cost model are measured again (2: the host path's reads, conversions
-# and copies).
-COST_MODEL_VERSION = 2
+# and copies; 3: per-unit and per-layer time from whole decode tokens).
+COST_MODEL_VERSION = 3
 
 
 def _cache_path(device: torch.device, signature: str) -> Path:
@@ -165,8 +165,10 @@ def planner_for(model, *, budget_s: float, device: torch.device, dtype: torch.dt
     """A LatencyPlanner for ``model`` from its device's cost model (measured once, cached per
     device and model shape) and its store's transfer lanes."""
     s = model.spec
+    # The FFN kernel is part of the key: whole resident experts and per-unit calls on a slot
+    # pool cost differently per sub-expert.
     signature = (f"{s.family}-L{s.num_layers}-D{s.hidden_size}-W{max(f.width for f in s.ffn)}-"
-                 f"S{max(model.parts)}-{str(dtype).removeprefix('torch.')}")
+                 f"S{max(model.parts)}-{str(dtype).removeprefix('torch.')}-{type(model.kernels[0]).__name__}")
     cost = measure_cost_model(model, device=device, signature=signature)
     return LatencyPlanner(model, model.store, cost, budget_s=budget_s)  # lanes from the store
 
@@ -212,12 +214,72 @@ def _measure(model, device: torch.device) -> CostModel:
     o_in = torch.zeros(1, o_width, device=device, dtype=model.dtype)
     fixed = _timed(lambda: (lw.wqkv(x), lw.wo(o_in)), 10, device) * 1.5  # + attention, norms, router
     head = _timed(lambda: model.w.lm_head(x), 5, device)
+    layer_fixed = fixed + t1 - unit_s
+    decode = _measure_decode(model, device, head)
+    if decode is not None:  # the real decode path, where it could run: preferred
+        unit_s, layer_fixed = decode
     host = {}
     if (device.type == "cuda" and hasattr(model.store, "host_blocks") and isinstance(pool, torch.Tensor)
             and pool.dtype.is_floating_point):
         host = _measure_host(model, layer, x, device)
     return CostModel(device=device_name(device), h2d_bytes_per_s=bw, copy_overhead_s=overhead,
-                     unit_s=unit_s, layer_fixed_s=fixed + t1 - unit_s, head_s=head, **host)
+                     unit_s=unit_s, layer_fixed_s=layer_fixed, head_s=head, **host)
+
+
+class _KeepShare:
+    """A model.Planner that keeps the first ``share`` of every layer's selection (measurement)."""
+
+    def __init__(self, share: float):
+        self.share, self.kept = share, 0  # sub-experts kept in the last token
+
+    def start_token(self) -> None:
+        self.kept = 0
+
+    def end_token(self) -> None:
+        pass
+
+    def reset_stats(self) -> None:
+        pass
+
+    def plan(self, layer, x, units, wt, topi):
+        n = max(1, math.ceil(self.share * units.shape[0])) if units.shape[0] else 0
+        self.kept += n
+        return units[:n], wt[:n], units[:0], wt[:0]
+
+
+def _measure_decode(model, device: torch.device, head_s: float, tokens: int = 6
+                    ) -> tuple[float, float] | None:
+    """(per sub-expert, per layer fixed) seconds of real decode tokens: the model's own path,
+    Python, selection and store bookkeeping included, which a kernel timed alone leaves out
+    (on the default model at a 25% budget: 14 us a unit alone against ~40 us in a token, and
+    a third of the per-layer time). Tokens keeping every selected sub-expert against tokens
+    keeping half: token = L x fixed + units x unit + head. None where it cannot run."""
+    if model.planner is not None or model.cache.length:
+        return None  # a planner of its own, or a conversation under way: not disturbed
+    ids = torch.arange(1, 9) % model.spec.vocab_size
+    keep = {1.0: _KeepShare(1.0), 0.5: _KeepShare(0.5)}
+    times: dict[float, list[float]] = {1.0: [], 0.5: []}
+    kept: dict[float, list[int]] = {1.0: [], 0.5: []}
+    try:
+        model.forward(ids)
+        for i in range(tokens):
+            for share, planner in keep.items():
+                model.set_planner(planner)
+                t = time.perf_counter()
+                model.forward(ids[i % 8:i % 8 + 1])
+                synchronize(device)
+                times[share].append(time.perf_counter() - t)
+                kept[share].append(planner.kept)
+    finally:
+        model.set_planner(None)
+        model.reset()
+    full, half = (sorted(times[s])[tokens // 2] for s in (1.0, 0.5))
+    n_full, n_half = (sorted(kept[s])[tokens // 2] for s in (1.0, 0.5))
+    if n_full <= n_half:
+        return None  # nothing to drop (every layer keeps one): no per-unit time to see
+    unit = max((full - half) / (n_full - n_half), 1e-7)
+    fixed = max((full - head_s - unit * n_full) / model.spec.num_layers, 1e-6)
+    return unit, fixed
 
 
 def _measure_host(model, layer: int, x: torch.Tensor, device: torch.device) -> dict:
@@ -259,7 +321,7 @@ class OnlineCost:
     blocks; the next layer waits for its result's copy back, which no device work hides.
 
     The fitted terms stay separate: fixed, ready_s, load_s (``missing_s`` = ready_s +
-    load_s, one miss alone) by recursive least squares over the segments the host took no
+    load_s, one miss alone) by exponentially weighted ridge regression (towards the start-up terms) over the segments the host took no
     part in (forgetting old tokens, so the fit follows contention and the page cache), and
     host_s by a running average over the segments it did, all starting from the start-up
     measurement. One scale over the whole prediction, as before, let the fixed part dominate
@@ -278,15 +340,21 @@ class OnlineCost:
         # Plain floats: a 3-term fit per layer per token in torch ops cost ~0.1 ms a layer.
         self.theta = [float(fixed_s), float(ready_s), float(missing_s) - float(ready_s)]
         # Prior: each term within about its own size of the start-up measurement (the load
-        # term within a miss's), so that a direction the segments never excite (every
-        # sub-expert always kept) stays near it. In units of the measurement noise (RLS's P
-        # is the prior covariance over the noise variance): a segment varies by a few
-        # percent of its time from token to token.
-        noise = max(0.05 * (fixed_s + 8 * ready_s), 1e-6)
+        # term within a miss's), in units of a 1% measurement noise: weak, since along any
+        # direction the segments excite the data decide, and along one they never excite the
+        # fit stays at the nearest point to the start-up terms however weak. It is kept, not forgotten: the fit is
+        # an exponentially weighted ridge regression towards the start-up terms, so that a
+        # direction the segments never excite (every token at the same operating point, or
+        # nothing missing) stays where the start-up measured it instead of drifting (plain
+        # RLS with forgetting drifted along it: fixed 0.001 ms, per unit 0.12 ms where the
+        # start-up measured 0.25 and 0.034, and every token dropped to the floor).
+        noise = max(0.01 * (fixed_s + 8 * ready_s), 1e-6)
         scale = (fixed_s, ready_s, max(missing_s, ready_s))
-        self.P = [[(max(scale[i], 1e-7) ** 2 / noise**2 if i == j else 0.0) for j in range(3)]
-                  for i in range(3)]
-        self._trace0 = sum(self.P[i][i] for i in range(3))
+        self._prior = [(noise / max(scale[i], 1e-7)) ** 2 for i in range(3)]  # precision, diagonal
+        self._theta0 = list(self.theta)
+        # information form: R = X^T W X + prior, r = X^T W y + prior x theta0
+        self.R = [[self._prior[i] if i == j else 0.0 for j in range(3)] for i in range(3)]
+        self.r = [self._prior[i] * self._theta0[i] for i in range(3)]
         self.forget = forget
         self.host_s = None if host_s is None else max(float(host_s), 1e-7)
         self.d2h_s, self.h2d_s = float(d2h_s), float(h2d_s)
@@ -359,7 +427,8 @@ class OnlineCost:
     def observe(self, n_ready: int, n_missing: int, seconds: float, n_host: int = 0) -> None:
         """One measured segment.
 
-        Without host units: recursive least squares with forgetting on the device terms.
+        Without host units: exponentially weighted ridge regression of the device terms
+        towards their start-up values.
         With them, t - fixed - h2d_s is max(device, host): clearly above the device
         prediction (by more than HOST_MARGIN of it, the fit's error on a device-bound
         segment), the host was the longer side and gives a sample of host_s; else the device
@@ -377,23 +446,38 @@ class OnlineCost:
                 self.host_s += self.HOST_GAIN * (per - self.host_s)
             seconds -= self.h2d_s
         x = (1.0, float(n_ready + n_missing), float(self.waves(n_missing)))
-        P, theta = self.P, self.theta
-        Px = [sum(P[i][j] * x[j] for j in range(3)) for i in range(3)]
-        denom = self.forget + sum(x[i] * Px[i] for i in range(3))
-        gain = [v / denom for v in Px]
-        err = seconds - sum(x[i] * theta[i] for i in range(3))
-        self.theta = [theta[i] + gain[i] * err for i in range(3)]
-        self.P = [[(P[i][j] - gain[i] * Px[j]) / self.forget for j in range(3)] for i in range(3)]
-        trace = sum(self.P[i][i] for i in range(3))
-        if trace > self._trace0:  # directions no segment excites (nothing missing) must not wind up
-            k = self._trace0 / trace
-            self.P = [[v * k for v in row] for row in self.P]
+        lam, prior, theta0 = self.forget, self._prior, self._theta0
+        R = [[lam * self.R[i][j] + x[i] * x[j] + ((1 - lam) * prior[i] if i == j else 0.0) for j in range(3)]
+             for i in range(3)]
+        r = [lam * self.r[i] + x[i] * seconds + (1 - lam) * prior[i] * theta0[i] for i in range(3)]
+        self.R, self.r = R, r
+        theta = _solve3(R, r)
+        if theta is not None:
+            self.theta = theta
+
+
+def _solve3(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """x with a x = b for a 3x3 ``a`` (Cramer's rule; None if singular)."""
+    def det(m):
+        return (m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+                + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]))
+    d = det(a)
+    if abs(d) < 1e-300:
+        return None
+    out = []
+    for c in range(3):
+        m = [[b[i] if j == c else a[i][j] for j in range(3)] for i in range(3)]
+        out.append(det(m) / d)
+    return out
 
 
 # The share of decode tokens allowed to miss the budget: the planner aims at the budget less
 # a slack that tracks this quantile of its own overruns.
 MISS_RATE = 0.05
 SLACK_STEP = 0.02  # of the budget, per missed token (a met token takes back MISS_RATE/(1-MISS_RATE) of it)
+# A layer that starts later than the token's schedule by more than this share of the budget
+# plans again (an earlier one takes the token's operating point as it is).
+SCHEDULE_MARGIN = 0.02
 
 
 class LatencyPlanner:
@@ -449,6 +533,12 @@ class LatencyPlanner:
         self._last: tuple[float, int, int, int] | None = None
         # per layer, from the previous token: its FFN time at each operating point (prefix) [P]
         self._seen: list[np.ndarray | None] = [None] * self.L
+        # per layer: the sum of its later layers' _seen (padded) and how many had one
+        self._later: list[tuple[np.ndarray | None, int]] = [(None, 0)] * self.L
+        # this token's operating point (prefix length) and, per layer, the time since the
+        # token's start by which it must begin to keep it without planning again
+        self._level: int | None = None
+        self._due: list[float] = [0.0] * self.L
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -464,10 +554,21 @@ class LatencyPlanner:
         self.reset_stats()
 
     def start_token(self) -> None:
-        """A decode token begins now."""
+        """A decode token begins now: what every layer's later ones took at each operating
+        point in the last token is summed once (one pass, not one per layer)."""
         self._t0 = time.perf_counter()
         self._last = None
+        self._level = None
         self.tokens += 1
+        seen = self._seen
+        width = max((c.shape[0] for c in seen if c is not None), default=0)
+        acc, count = None, 0
+        for layer in range(self.L - 1, -1, -1):
+            self._later[layer] = (acc, count)
+            c = seen[layer]
+            if c is not None:
+                c = np.pad(c, (0, width - c.shape[0]), mode="edge") if c.shape[0] < width else c
+                acc, count = (c if acc is None else acc + c), count + 1
 
     def end_token(self) -> None:
         """The token's logits are computed: the last segment (FFN of the last layer, head)
@@ -498,6 +599,8 @@ class LatencyPlanner:
         rank = ((ids // S)[:, None] == experts[None, :]).argmax(1)  # [P]: the rank of each unit's expert
         scores = self.model.part_scores(layer, x, topi)  # [1, k, S] or None
         key = part if scores is None else -scores[0].float().cpu().numpy()[rank, part]
+        if k == 1:
+            return np.argsort(key, kind="stable")
         by_expert = np.lexsort((key, rank))  # [P]: expert by expert, best part first
         grouped = rank[by_expert]
         within = np.empty(P, dtype=np.int64)
@@ -528,6 +631,9 @@ class LatencyPlanner:
         if P == 0:
             self._last = (now, 0, 0, 0)
             return units, wt, units, wt
+        if (layer > 0 and self._level is not None and not self._host_ok[layer]
+                and now - self._t0 <= self._due[layer]):
+            return self._keep_level(layer, x, ids, units, wt, topi, now)
         ready = np.fromiter((self.store.ready(layer, u) for u in ids.tolist()), dtype=bool, count=P)
         order = self.order(layer, x, ids, topi)  # [P]
         # The layer's FFN time at each operating point (prefix of ``order``) and how many of
@@ -539,13 +645,14 @@ class LatencyPlanner:
         # What the layers still to come would take at each operating point: their costs of
         # the previous token, or this layer's where they have none yet.
         ks = np.arange(1, P + 1)
-        later = [s for s in self._seen[layer + 1:] if s is not None]
-        unseen = self.L - 1 - layer - len(later)
+        later, seen = self._later[layer]
+        unseen = self.L - 1 - layer - seen
 
         def later_s(n):
-            return sum((s[np.minimum(n, s.shape[0]) - 1] for s in later), unseen * cost[n - 1])
+            own = unseen * cost[n - 1]
+            return own if later is None else own + later[np.minimum(n, later.shape[0]) - 1]
 
-        n_keep = P
+        n_keep, n = P, P
         if cost[-1] + later_s(P) > left:
             # One operating point for this layer and every later one, the largest that fits
             # (never below the floor): the token runs as the best fixed K would, chosen anew
@@ -559,6 +666,14 @@ class LatencyPlanner:
             n = max(int(fits[-1]) + 1 if fits.size else 0, self.floor(P))
             room = left - later_s(n)
             n_keep = min(max(n, int(np.searchsorted(cost, room, side="right"))), P)
+        # The schedule the later layers keep this operating point on: they take it without
+        # planning again (one plan a token, not thirty: per-layer planning in numpy cost
+        # ~0.2 ms a layer on the default model) unless the token falls behind it.
+        self._level = n
+        rest = float(cost[n_keep - 1] + later_s(n)) + (self.L - 1 - layer) * fit.fixed_s
+        margin = SCHEDULE_MARGIN * self.budget_s
+        for j in range(layer + 1, self.L):
+            self._due[j] = now - self._t0 + (j - layer) / (self.L - layer) * rest + margin
         kept = order[:n_keep]
         n_hst = int(n_host[n_keep - 1])
         to_host = np.zeros(P, dtype=bool)
@@ -577,6 +692,22 @@ class LatencyPlanner:
         dev = torch.from_numpy(np.flatnonzero(on_device))
         hst = torch.from_numpy(np.flatnonzero(to_host))
         return units[dev], wt[dev.to(wt.device)], units[hst], wt[hst.to(wt.device)]
+
+    def _keep_level(self, layer: int, x: torch.Tensor, ids: np.ndarray, units: torch.Tensor,
+                     wt: torch.Tensor, topi: torch.Tensor, now: float):
+        """The token is on schedule: this layer keeps the token's operating point, unplanned
+        (layers that may send misses to the host always plan: that split is per layer)."""
+        P = ids.shape[0]
+        n = min(self._level, P)
+        if n == P:
+            kept_units, kept_wt = units, wt
+        else:
+            idx = torch.from_numpy(np.sort(self.order(layer, x, ids, topi)[:n]))
+            kept_units, kept_wt = units[idx], wt[idx.to(wt.device)]
+        n_ready = sum(1 for u in kept_units.tolist() if self.store.ready(layer, u))
+        self.dropped += P - n
+        self._last = (now, n_ready, n - n_ready, 0)
+        return kept_units, kept_wt, units[:0], wt[:0]
 
     def report(self, latencies_s: list[float]) -> dict:
         """Drop counters, the share of decode tokens within the budget and the fitted costs."""
