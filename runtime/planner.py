@@ -321,8 +321,9 @@ class OnlineCost:
     blocks; the next layer waits for its result's copy back, which no device work hides.
 
     The fitted terms stay separate: fixed, ready_s, load_s (``missing_s`` = ready_s +
-    load_s, one miss alone) by exponentially weighted ridge regression (towards the start-up terms) over the segments the host took no
-    part in (forgetting old tokens, so the fit follows contention and the page cache), and
+    load_s, one miss alone) by exponentially weighted ridge regression towards the start-up
+    terms over the segments the host took no part in (forgetting old tokens, so the fit
+    follows contention and the page cache), and
     host_s by a running average over the segments it did, all starting from the start-up
     measurement. One scale over the whole prediction, as before, let the fixed part dominate
     once the FFN was trimmed and over-dropped; separate terms keep a trimmed layer's
@@ -340,14 +341,15 @@ class OnlineCost:
         # Plain floats: a 3-term fit per layer per token in torch ops cost ~0.1 ms a layer.
         self.theta = [float(fixed_s), float(ready_s), float(missing_s) - float(ready_s)]
         # Prior: each term within about its own size of the start-up measurement (the load
-        # term within a miss's), in units of a 1% measurement noise: weak, since along any
-        # direction the segments excite the data decide, and along one they never excite the
-        # fit stays at the nearest point to the start-up terms however weak. It is kept, not forgotten: the fit is
-        # an exponentially weighted ridge regression towards the start-up terms, so that a
-        # direction the segments never excite (every token at the same operating point, or
-        # nothing missing) stays where the start-up measured it instead of drifting (plain
-        # RLS with forgetting drifted along it: fixed 0.001 ms, per unit 0.12 ms where the
-        # start-up measured 0.25 and 0.034, and every token dropped to the floor).
+        # term within a miss's), in units of a 1% measurement noise. Weak on purpose: along
+        # a direction the segments excite the data decide, and along one they never excite
+        # the fit stays at the point nearest the start-up terms however weak the prior. It
+        # is kept, not forgotten: the fit is an exponentially weighted ridge regression
+        # towards the start-up terms, so that a direction the segments never excite (every
+        # token at the same operating point, or nothing missing) stays where the start-up
+        # measured it instead of drifting (plain RLS with forgetting drifted along it: fixed
+        # 0.001 ms, per unit 0.12 ms where the start-up measured 0.25 and 0.034, and every
+        # token dropped to the floor).
         noise = max(0.01 * (fixed_s + 8 * ready_s), 1e-6)
         scale = (fixed_s, ready_s, max(missing_s, ready_s))
         self._prior = [(noise / max(scale[i], 1e-7)) ** 2 for i in range(3)]  # precision, diagonal
