@@ -83,6 +83,8 @@ class SubExpertSelector:
         self.spec, self.parts, self.gates = spec, parts, gates
         self.k = check_operating_point(k, spec, parts)
         dense_model = not spec.is_moe
+        self._dense_model = dense_model
+        self._ones: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}  # weights 1 [K, 1]
         self._quota: list[torch.Tensor | None] = []  # None: every part (a dense layer of a MoE model, or full K)
         self._on_device: dict[tuple[int, torch.device], torch.Tensor] = {}  # copied once, not per token
         self._part_ids: dict[tuple[int, torch.device], torch.Tensor] = {}  # 0..S-1 per (S, device)
@@ -128,6 +130,16 @@ class SubExpertSelector:
             if ids is None:
                 ids = self._part_ids[(S, x.device)] = torch.arange(S, device=x.device)
             return full_token_units(S, topv, topi, ids, x.dtype)
+        if self._dense_model:
+            # One expert (unit e*S+s is part s), router weight 1: the gate's best K parts,
+            # sorted, are the units. Five ops instead of a dozen, every layer of every token.
+            k = int(self._quota[layer][0])
+            units = self.gates[layer].scores(x, topi)[0, 0].topk(k).indices.sort().values  # [K]
+            key = (k, x.dtype, x.device)
+            ones = self._ones.get(key)
+            if ones is None:
+                ones = self._ones[key] = torch.ones(k, 1, dtype=x.dtype, device=x.device)
+            return units.cpu(), ones  # [K], [K, 1]
         parts, valid = self._picks(layer, x, topi)
         flat = topi[0, :, None] * S + parts[0]  # [k, qmax]
         wv = topv[0, :, None].expand_as(flat)

@@ -447,6 +447,9 @@ class OnlineCost:
             if per < self.host_s:
                 self.host_s += self.HOST_GAIN * (per - self.host_s)
             seconds -= self.h2d_s
+        # A stall (another process, a page fault) counts as at most 3x the prediction: the fit
+        # is a weighted mean and one 30 ms segment would move it for the next fifty.
+        seconds = min(seconds, 3 * (self.fixed_s + self.device_s(n_ready, n_missing)))
         x = (1.0, float(n_ready + n_missing), float(self.waves(n_missing)))
         lam, prior, theta0 = self.forget, self._prior, self._theta0
         R = [[lam * self.R[i][j] + x[i] * x[j] + ((1 - lam) * prior[i] if i == j else 0.0) for j in range(3)]
@@ -480,6 +483,14 @@ SLACK_STEP = 0.02  # of the budget, per missed token (a met token takes back MIS
 # A layer that starts later than the token's schedule by more than this share of the budget
 # plans again (an earlier one takes the token's operating point as it is).
 SCHEDULE_MARGIN = 0.02
+FULL = 1 << 62  # the operating point "everything selected", whatever a layer's width
+PLAN_GAIN = 0.2  # weight of one plan in the running average of a plan's own time
+# Weight of one token in the running mean of the prediction's error. The per-layer terms
+# are fitted from segments, and their sum missed whole tokens by 10-20% either way on the
+# default model (the last layer's FFN and the head, which the segments do not see, and
+# costs that are not quite linear in the units kept); the slack alone cannot correct a
+# prediction that is too high, since it never goes below 0.
+BIAS_GAIN = 0.2
 
 
 class LatencyPlanner:
@@ -497,7 +508,9 @@ class LatencyPlanner:
     lowest operating point the latency sweep compares with). Nothing is dropped while
     everything fits.
 
-    The deadline planned for is the budget less a slack: a stochastic quantile tracker that
+    The deadline planned for is the budget less the running mean of how far tokens overran
+    their first plan's prediction (negative when they came in under it) and less a slack: a
+    stochastic quantile tracker that
     grows on each token that missed and shrinks on each that met it, so that about MISS_RATE
     of tokens miss whatever the spread of the cost model's errors (without it the plans aim
     at the budget itself and half the tokens land above it). It starts at 0, so a budget
@@ -541,6 +554,11 @@ class LatencyPlanner:
         # token's start by which it must begin to keep it without planning again
         self._level: int | None = None
         self._due: list[float] = [0.0] * self.L
+        self.plan_s = 0.0  # seconds a plan takes (running average)
+        # The first plan's prediction of the token's time, and the running mean of how far
+        # tokens overran it (negative: they took less), taken off the time left.
+        self._predicted: float | None = None
+        self.bias_s = 0.0
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -560,7 +578,7 @@ class LatencyPlanner:
         point in the last token is summed once (one pass, not one per layer)."""
         self._t0 = time.perf_counter()
         self._last = None
-        self._level = None
+        self._level = self._predicted = None
         self.tokens += 1
         seen = self._seen
         width = max((c.shape[0] for c in seen if c is not None), default=0)
@@ -581,6 +599,10 @@ class LatencyPlanner:
             rest = (now - t) - self.fit.ffn_s(n_ready, n_missing, n_host)
             self.head_s = 0.8 * self.head_s + 0.2 * max(rest, 0.0)
             self._last = None
+        if self._predicted is not None:
+            error = now - self._t0 - self._predicted
+            self.bias_s += BIAS_GAIN * (error - self.bias_s)
+            self.bias_s = min(max(self.bias_s, -0.5 * self.budget_s), 0.5 * self.budget_s)
         step = SLACK_STEP * self.budget_s
         if now - self._t0 > self.budget_s:
             self.slack_s += step
@@ -615,6 +637,21 @@ class LatencyPlanner:
 
     def plan(self, layer: int, x: torch.Tensor, units: torch.Tensor, wt: torch.Tensor,
              topi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_plan`, timed: the segment the fit learns starts when the plan is made, and the
+        plans' own time is a term of its own (``plan_s``, a running average) that every later
+        layer is charged. Inside the segments it biased the fit: a full plan (the token's
+        first layer, or one behind schedule) costs several times a kept one and is the layer
+        most likely to keep extra sub-experts, so the per-unit time came out twice too high."""
+        start = time.perf_counter()
+        out = self._plan(layer, x, units, wt, topi, start)
+        end = time.perf_counter()
+        self.plan_s += PLAN_GAIN * ((end - start) - self.plan_s)
+        if self._last is not None:
+            self._last = (end, *self._last[1:])
+        return out
+
+    def _plan(self, layer: int, x: torch.Tensor, units: torch.Tensor, wt: torch.Tensor,
+              topi: torch.Tensor, now: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Which of ``units`` to compute (on the device, then on the host CPU) to meet the deadline.
 
         Returns (device units, their weights, host units, their weights): missing sub-experts
@@ -623,7 +660,6 @@ class LatencyPlanner:
         reads, conversions and host FFN) + the result's copy back, against the device FFN
         with their loads queued on the transfer lanes; the rest that do not fit are dropped.
         """
-        now = time.perf_counter()
         fit = self.fit
         if self._last is not None:  # the segment since the last plan is measured: learn from it
             t, n_ready, n_missing, n_host = self._last
@@ -634,7 +670,8 @@ class LatencyPlanner:
             self._last = (now, 0, 0, 0)
             return units, wt, units, wt
         if (layer > 0 and self._level is not None and not self._host_ok[layer]
-                and now - self._t0 <= self._due[layer]):
+                and (now - self._t0 <= self._due[layer] or min(self._level, P) <= self.floor(P))):
+            # on schedule, or behind it at the floor already (planning again changes nothing)
             return self._keep_level(layer, x, ids, units, wt, topi, now)
         ready = np.fromiter((self.store.ready(layer, u) for u in ids.tolist()), dtype=bool, count=P)
         order = self.order(layer, x, ids, topi)  # [P]
@@ -642,37 +679,45 @@ class LatencyPlanner:
         # the prefix's missing units the host takes.
         cost, n_host = fit.prefix_costs(ready[order], host=self._host_ok[layer])  # [P], [P]
         self._seen[layer] = cost
-        left = (self.budget_s - self.slack_s - (now - self._t0) - self.head_s
-                - (self.L - 1 - layer) * fit.fixed_s)
+        left = (self.budget_s - self.slack_s - self.bias_s - (now - self._t0) - self.head_s
+                - (self.L - 1 - layer) * (fit.fixed_s + self.plan_s) - self.plan_s)
         # What the layers still to come would take at each operating point: their costs of
         # the previous token, or this layer's where they have none yet.
-        ks = np.arange(1, P + 1)
         later, seen = self._later[layer]
         unseen = self.L - 1 - layer - seen
+        # Operating points as prefix lengths, up to the widest selection among this layer and
+        # the later ones (a layer with fewer units keeps all of its own beyond its length).
+        width = max(P, 0 if later is None else later.shape[0])
+        ks = np.arange(1, width + 1)
+
+        def own_s(n):
+            return cost[np.minimum(n, P) - 1]
 
         def later_s(n):
-            own = unseen * cost[n - 1]
+            own = unseen * own_s(n)
             return own if later is None else own + later[np.minimum(n, later.shape[0]) - 1]
 
-        n_keep, n = P, P
-        if cost[-1] + later_s(P) > left:
+        n_keep, n = P, FULL
+        if own_s(width) + later_s(width) > left:
             # One operating point for this layer and every later one, the largest that fits
             # (never below the floor): the token runs as the best fixed K would, chosen anew
-            # at every layer from the time actually left. Time this layer can use beyond it
-            # while the later layers keep that point goes to more of its own sub-experts.
+            # where the token falls behind. Time this layer can use beyond it while the later
+            # layers keep that point goes to more of its own sub-experts.
             # Measured on the default model (scripts/latency_sweep.py): trimming each layer
             # to its share of the time left, most valuable sub-experts first and one kept at
             # the least, dropped the last layers of a late token to that one and cost 5-10x
             # the KL of the fixed operating point meeting the same budget.
-            fits = np.flatnonzero(cost + later_s(ks) <= left)
+            fits = np.flatnonzero(own_s(ks) + later_s(ks) <= left)
             n = max(int(fits[-1]) + 1 if fits.size else 0, self.floor(P))
             room = left - later_s(n)
-            n_keep = min(max(n, int(np.searchsorted(cost, room, side="right"))), P)
+            n_keep = min(max(min(n, P), int(np.searchsorted(cost, room, side="right"))), P)
         # The schedule the later layers keep this operating point on: they take it without
         # planning again (one plan a token, not thirty: per-layer planning in numpy cost
         # ~0.2 ms a layer on the default model) unless the token falls behind it.
         self._level = n
-        rest = float(cost[n_keep - 1] + later_s(n)) + (self.L - 1 - layer) * fit.fixed_s
+        rest = float(cost[n_keep - 1] + later_s(min(n, width))) + (self.L - 1 - layer) * (fit.fixed_s + self.plan_s)
+        if self._predicted is None:  # the token's first plan: what it predicts the token takes
+            self._predicted = now - self._t0 + self.plan_s + rest + self.head_s
         margin = SCHEDULE_MARGIN * self.budget_s
         for j in range(layer + 1, self.L):
             self._due[j] = now - self._t0 + (j - layer) / (self.L - layer) * rest + margin
@@ -700,7 +745,7 @@ class LatencyPlanner:
         """The token is on schedule: this layer keeps the token's operating point, unplanned
         (layers that may send misses to the host always plan: that split is per layer)."""
         P = ids.shape[0]
-        n = min(self._level, P)
+        n = max(min(self._level, P), self.floor(P))
         if n == P:
             kept_units, kept_wt = units, wt
         else:
@@ -721,9 +766,11 @@ class LatencyPlanner:
             "tokens_within_budget": within / len(latencies_s) if latencies_s else None,
             "cpu_computed_subexperts": self.host_computed,
             "cost_fixed_ms": self.fit.fixed_s * 1000,
+            "plan_ms": self.plan_s * 1000,
             "cost_resident_ms": self.fit.ready_s * 1000,
             "cost_missing_ms": self.fit.missing_s * 1000,
             "cost_host_unit_ms": None if self.fit.host_s is None else self.fit.host_s * 1000,
             "load_lanes": self.load_lanes,
             "slack_ms": self.slack_s * 1000,
+            "prediction_bias_ms": self.bias_s * 1000,
         }

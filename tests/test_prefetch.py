@@ -300,3 +300,23 @@ def test_online_cost_separates_fixed_resident_and_missing_time():
     assert abs(fit.ready_s - 0.0001) < 2e-5 and abs(fit.missing_s - 0.0005) < 2e-5
     # A trimmed layer is predicted by its own terms, not by a scale of the untrimmed one.
     assert abs(fit.predict(2, 0) - 0.0022) < 3e-4
+
+
+def test_planner_keeps_wider_later_layers_whole_when_everything_fits(monkeypatch):
+    """A narrow first layer (a dense layer of a MoE model: 4 units) that fits its budget does
+    not cap a wider later one (8 units) at its own width: nothing is dropped."""
+    from edge_prism.runtime import planner as planner_mod
+
+    monkeypatch.setattr(planner_mod, "time", SimpleNamespace(perf_counter=lambda: 0.0))
+    model = SimpleNamespace(spec=SimpleNamespace(num_layers=2), parts=[4, 4],
+                            part_scores=lambda layer, x, topi: None)
+    store = SimpleNamespace(block_nbytes=lambda layer: 1000, ready=lambda layer, u: True)
+    cost = CostModel(device="fake", h2d_bytes_per_s=1e6, copy_overhead_s=0.0, unit_s=0.001,
+                     layer_fixed_s=0.0, head_s=0.0, workers=1)
+    planner = LatencyPlanner(model, store, cost, budget_s=1.0)
+    for _ in range(2):
+        planner.start_token()
+        first = planner.plan(0, torch.zeros(1, 8), torch.arange(4), torch.ones(4, 1), torch.tensor([[0]]))[0]
+        second = planner.plan(1, torch.zeros(1, 8), torch.arange(8), torch.ones(8, 1), torch.tensor([[0, 1]]))[0]
+        planner.end_token()
+        assert first.numel() == 4 and second.numel() == 8 and planner.dropped == 0
