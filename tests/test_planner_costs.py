@@ -249,3 +249,15 @@ def test_profiles_of_the_older_cost_model_are_not_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGE_PRISM_PROFILES", str(tmp_path))
     path = planner_mod._cache_path(torch.device("cpu"), "sig")
     assert path.parent == tmp_path and path.name.endswith(f"-v{planner_mod.COST_MODEL_VERSION}.json")
+
+
+def test_observe_many_is_that_many_observations():
+    """One aggregated update equals the same segments observed one by one (no forgetting), and
+    a stall counts as at most 3x the prediction."""
+    one, many = (OnlineCost(0.5 * MS, 0.05 * MS, 0.2 * MS, forget=1.0) for _ in range(2))
+    for n, secs in ((4, 0.8 * MS), (8, 1.1 * MS)):
+        for _ in range(5):
+            one.observe(n, 0, secs)
+        many.observe_many(n, 0, 5 * secs, 5)
+    assert many.theta == pytest.approx(one.theta, rel=1e-9)
+    assert one.clipped(8, 0, 1.0) == pytest.approx(3 * (one.fixed_s + 8 * one.ready_s))
