@@ -447,26 +447,17 @@ class OnlineCost:
             if per < self.host_s:
                 self.host_s += self.HOST_GAIN * (per - self.host_s)
             seconds -= self.h2d_s
-        seconds = self.clipped(n_ready, n_missing, seconds)
-        x = (1.0, float(n_ready + n_missing), float(self.waves(n_missing)))
-        lam, prior, theta0 = self.forget, self._prior, self._theta0
-        R = [[lam * self.R[i][j] + x[i] * x[j] + ((1 - lam) * prior[i] if i == j else 0.0) for j in range(3)]
-             for i in range(3)]
-        r = [lam * self.r[i] + x[i] * seconds + (1 - lam) * prior[i] * theta0[i] for i in range(3)]
-        self.R, self.r = R, r
-        theta = _solve3(R, r)
-        if theta is not None:
-            self.theta = theta
-
+        self._update(n_ready, n_missing, self.clipped(n_ready, n_missing, seconds), 1)
 
     def observe_many(self, n_ready: int, n_missing: int, seconds: float, count: int) -> None:
-        """``count`` device-only segments of the same kept units, ``seconds`` in all: one
-        update worth ``count`` of :meth:`observe` (forgetting applied ``count`` times)."""
-        if count <= 0:
-            return
-        if count == 1:
-            self.observe(n_ready, n_missing, seconds)
-            return
+        """``count`` device-only segments of the same kept units, ``seconds`` in all (each
+        already :meth:`clipped`): one update worth ``count`` of :meth:`observe`."""
+        if count > 0:
+            self._update(n_ready, n_missing, seconds, count)
+
+    def _update(self, n_ready: int, n_missing: int, seconds: float, count: int) -> None:
+        """The ridge regression's update by ``count`` segments of these kept units taking
+        ``seconds`` in all (forgetting applied ``count`` times)."""
         x = (1.0, float(n_ready + n_missing), float(self.waves(n_missing)))
         lam, prior, theta0 = self.forget ** count, self._prior, self._theta0
         R = [[lam * self.R[i][j] + count * x[i] * x[j] + ((1 - lam) * prior[i] if i == j else 0.0)
