@@ -194,11 +194,27 @@ def _measure(model, device: torch.device) -> CostModel:
     overhead = _timed(lambda: dst.copy_(small, non_blocking=True), 20, device)
     if device.type == "cpu":
         overhead = max(overhead, 20e-6)  # a worker hand-off and a pread cost more than a memcpy
-    # Compute per unit: the layer with the most sub-experts per token, through its own kernel
-    # on its own pool, P=1 and P=many.
     layer = max(range(spec.num_layers), key=lambda i: spec.ffn[i].top_k * model.parts[i])
-    pool, kernel = model.store.pool(layer), model.kernels[layer]
+    pool = model.store.pool(layer)
     x = torch.randn(1, spec.hidden_size, device=device, dtype=model.dtype) * 0.1
+    head = _timed(lambda: model.w.lm_head(x), 5, device)
+    # Per unit and per layer from whole decode tokens; where that cannot run, from the
+    # kernel and the attention projections timed alone.
+    decode = _measure_decode(model, device, head)
+    unit_s, layer_fixed = decode if decode is not None else _measure_parts(model, layer, x, device)
+    host = {}
+    if (device.type == "cuda" and hasattr(model.store, "host_blocks") and isinstance(pool, torch.Tensor)
+            and pool.dtype.is_floating_point):
+        host = _measure_host(model, layer, x, device)
+    return CostModel(device=device_name(device), h2d_bytes_per_s=bw, copy_overhead_s=overhead,
+                     unit_s=unit_s, layer_fixed_s=layer_fixed, head_s=head, **host)
+
+
+def _measure_parts(model, layer: int, x: torch.Tensor, device: torch.device) -> tuple[float, float]:
+    """(per sub-expert, per layer fixed) seconds from ``layer``'s FFN kernel on its own pool at
+    P=1 and P=many, and its attention projections, timed alone."""
+    spec = model.spec
+    pool, kernel = model.store.pool(layer), model.kernels[layer]
     many = min(model.store.capacity(layer), max(2, spec.ffn[layer].top_k * model.parts[layer]))
     slots = torch.arange(many)
 
@@ -207,23 +223,13 @@ def _measure(model, device: torch.device) -> CostModel:
 
     t1, tm = _timed(lambda: units(1), 10, device), _timed(lambda: units(many), 10, device)
     unit_s = max((tm - t1) / max(many - 1, 1), 1e-7)
-    # Per-layer fixed work (attention over a short cache, norms, router) and the head.
+    # Per-layer fixed work (attention over a short cache, norms, router).
     lw = model.w.layers[layer]
     # wo takes the heads' outputs: head_dim wide each, or v_head_dim with latent attention (MLA).
     o_width = spec.num_heads * (spec.mla.v_head_dim if spec.mla is not None else spec.head_dim)
     o_in = torch.zeros(1, o_width, device=device, dtype=model.dtype)
     fixed = _timed(lambda: (lw.wqkv(x), lw.wo(o_in)), 10, device) * 1.5  # + attention, norms, router
-    head = _timed(lambda: model.w.lm_head(x), 5, device)
-    layer_fixed = fixed + t1 - unit_s
-    decode = _measure_decode(model, device, head)
-    if decode is not None:  # the real decode path, where it could run: preferred
-        unit_s, layer_fixed = decode
-    host = {}
-    if (device.type == "cuda" and hasattr(model.store, "host_blocks") and isinstance(pool, torch.Tensor)
-            and pool.dtype.is_floating_point):
-        host = _measure_host(model, layer, x, device)
-    return CostModel(device=device_name(device), h2d_bytes_per_s=bw, copy_overhead_s=overhead,
-                     unit_s=unit_s, layer_fixed_s=layer_fixed, head_s=head, **host)
+    return unit_s, fixed + t1 - unit_s
 
 
 class _KeepShare:
