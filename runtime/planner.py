@@ -308,6 +308,42 @@ def _measure_host(model, layer: int, x: torch.Tensor, device: torch.device) -> d
     return dict(host_unit_s=ffn, host_read_s=read, host_convert_s=convert, d2h_s=d2h, h2d_result_s=h2d)
 
 
+class RidgeFit:
+    """Three terms ``theta`` of y = theta . x, fitted online by exponentially weighted ridge
+    regression towards a start-up guess ``theta0`` (information form, 3x3 solve in plain
+    Python: in torch ops a fit per layer per token cost ~0.1 ms a layer).
+
+    The prior says each term is within about ``scale`` of its start-up value, in units of
+    the measurement ``noise``. Weak on purpose: along a direction the samples excite the
+    data decide, and along one they never excite the fit stays at the point nearest the
+    start-up terms however weak the prior. It is kept, not forgotten, so that a direction
+    the samples never excite (every token at the same operating point, or nothing missing)
+    stays where the start-up measured it instead of drifting (plain RLS with forgetting
+    drifted along it: fixed 0.001 ms, per unit 0.12 ms where the start-up measured 0.25 and
+    0.034, and every token dropped to the floor).
+    """
+
+    def __init__(self, theta0, *, scale, noise: float, forget: float = 0.98):
+        self.theta = [float(t) for t in theta0]
+        self._theta0 = list(self.theta)
+        self._prior = [(noise / max(float(c), 1e-7)) ** 2 for c in scale]  # precision, diagonal
+        # information form: R = X^T W X + prior, r = X^T W y + prior x theta0
+        self.R = [[self._prior[i] if i == j else 0.0 for j in range(3)] for i in range(3)]
+        self.r = [self._prior[i] * self._theta0[i] for i in range(3)]
+        self.forget = forget
+
+    def update(self, x: tuple[float, float, float], y: float, count: int = 1) -> None:
+        """``count`` samples of ``x`` whose ys sum to ``y`` (forgetting applied ``count`` times)."""
+        lam, prior, theta0 = self.forget ** count, self._prior, self._theta0
+        R = [[lam * self.R[i][j] + count * x[i] * x[j] + ((1 - lam) * prior[i] if i == j else 0.0)
+              for j in range(3)] for i in range(3)]
+        r = [lam * self.r[i] + x[i] * y + (1 - lam) * prior[i] * theta0[i] for i in range(3)]
+        self.R, self.r = R, r
+        theta = _solve3(R, r)
+        if theta is not None:
+            self.theta = theta
+
+
 class OnlineCost:
     """The time of a decode layer segment, from fitted terms refreshed while decoding.
 
@@ -344,26 +380,11 @@ class OnlineCost:
         if lanes < 1:
             raise ConfigError(f"invalid number of load lanes {lanes}: use 1 or more")
         self.lanes = int(lanes)
-        # Plain floats: a 3-term fit per layer per token in torch ops cost ~0.1 ms a layer.
-        self.theta = [float(fixed_s), float(ready_s), float(missing_s) - float(ready_s)]
         # Prior: each term within about its own size of the start-up measurement (the load
-        # term within a miss's), in units of a 1% measurement noise. Weak on purpose: along
-        # a direction the segments excite the data decide, and along one they never excite
-        # the fit stays at the point nearest the start-up terms however weak the prior. It
-        # is kept, not forgotten: the fit is an exponentially weighted ridge regression
-        # towards the start-up terms, so that a direction the segments never excite (every
-        # token at the same operating point, or nothing missing) stays where the start-up
-        # measured it instead of drifting (plain RLS with forgetting drifted along it: fixed
-        # 0.001 ms, per unit 0.12 ms where the start-up measured 0.25 and 0.034, and every
-        # token dropped to the floor).
+        # term within a miss's), in units of a 1% measurement noise (see RidgeFit).
         noise = max(0.01 * (fixed_s + 8 * ready_s), 1e-6)
-        scale = (fixed_s, ready_s, max(missing_s, ready_s))
-        self._prior = [(noise / max(scale[i], 1e-7)) ** 2 for i in range(3)]  # precision, diagonal
-        self._theta0 = list(self.theta)
-        # information form: R = X^T W X + prior, r = X^T W y + prior x theta0
-        self.R = [[self._prior[i] if i == j else 0.0 for j in range(3)] for i in range(3)]
-        self.r = [self._prior[i] * self._theta0[i] for i in range(3)]
-        self.forget = forget
+        self._fit = RidgeFit((fixed_s, ready_s, float(missing_s) - float(ready_s)),
+                             scale=(fixed_s, ready_s, max(missing_s, ready_s)), noise=noise, forget=forget)
         self.host_s = None if host_s is None else max(float(host_s), 1e-7)
         self.d2h_s, self.h2d_s = float(d2h_s), float(h2d_s)
 
@@ -462,17 +483,13 @@ class OnlineCost:
             self._update(n_ready, n_missing, seconds, count)
 
     def _update(self, n_ready: int, n_missing: int, seconds: float, count: int) -> None:
-        """The ridge regression's update by ``count`` segments of these kept units taking
-        ``seconds`` in all (forgetting applied ``count`` times)."""
-        x = (1.0, float(n_ready + n_missing), float(self.waves(n_missing)))
-        lam, prior, theta0 = self.forget ** count, self._prior, self._theta0
-        R = [[lam * self.R[i][j] + count * x[i] * x[j] + ((1 - lam) * prior[i] if i == j else 0.0)
-              for j in range(3)] for i in range(3)]
-        r = [lam * self.r[i] + x[i] * seconds + (1 - lam) * prior[i] * theta0[i] for i in range(3)]
-        self.R, self.r = R, r
-        theta = _solve3(R, r)
-        if theta is not None:
-            self.theta = theta
+        """The fit's update by ``count`` segments of these kept units taking ``seconds`` in all."""
+        self._fit.update((1.0, float(n_ready + n_missing), float(self.waves(n_missing))), seconds, count)
+
+    @property
+    def theta(self) -> list[float]:
+        """The fitted terms: fixed, per unit, per load wave (seconds)."""
+        return self._fit.theta
 
     def clipped(self, n_ready: int, n_missing: int, seconds: float) -> float:
         """A segment's time as the fit takes it: a stall (another process, a page fault) counts
