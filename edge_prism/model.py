@@ -343,10 +343,18 @@ class Planner(Protocol):
         """The decode token's logits are computed."""
         ...
 
+    # Whether :meth:`plan` trims each layer's selection (True: the selection is listed for it,
+    # a host sync); False: the planner only chooses each layer's operating point.
+    trims: bool
+
+    def operating_point(self, layer: int) -> int | None:
+        """The operating point K this decode layer selects at (None: the model's own)."""
+        ...
+
     def plan(self, layer: int, x: torch.Tensor, units: torch.Tensor, wt: torch.Tensor,
              topi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Units and weights to compute on the device, then on the host CPU (subsets of
-        ``units``, together never below the floor)."""
+        ``units``, together never below the floor); called only where ``trims``."""
         ...
 
     def set_budget(self, budget_s: float) -> None:
@@ -424,6 +432,7 @@ class Transformer:
         self._all_units = [torch.arange(f.num_experts * s) for f, s in zip(spec.ffn, parts)]
         self._part_ids = {s: torch.arange(s, device=device) for s in set(parts)}  # 0..S-1 per S
         self._dense_route: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._selectors: dict[int, SubExpertSelector | None] = {}  # per K (None: full K)
         if operating_point is not None:
             self.set_operating_point(operating_point)
 
@@ -437,8 +446,16 @@ class Transformer:
             raise ConfigError(f"operating point {k} is below full K ({full}) and this model has no "
                               "sub-expert gates to choose with: load a prism checkpoint, or build "
                               "the model with gates=")
-        self.selector = None if k == full else SubExpertSelector(self.spec, self.parts, self.gates, k)
+        self.selector = self.selector_at(k)
         self.operating_point = k
+
+    def selector_at(self, k: int) -> SubExpertSelector | None:
+        """The selector of operating point ``k`` (None at full K), made once per K: a planner
+        moves between operating points from layer to layer."""
+        if k not in self._selectors:
+            full = max_operating_point(self.spec, self.parts)
+            self._selectors[k] = None if k == full else SubExpertSelector(self.spec, self.parts, self.gates, k)
+        return self._selectors[k]
 
     def set_prefetcher(self, prefetcher: Prefetcher | None) -> None:
         """Load later layers' sub-experts ahead of use during decode (None: stop)."""
@@ -502,14 +519,14 @@ class Transformer:
     def forward(self, ids: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
         """Run ``ids`` [T] after the cached positions; logits [T, V] or [1, V] (last token)."""
         T = ids.shape[0]
+        if T == 1 and self.planner is not None:
+            self.planner.start_token()  # the whole decode step counts against its budget
         start = self.cache.length
         self.cache.reserve(start + T)
         self._ensure_rope(start + T)
         h = self.w.embed(ids.to(self.device)).to(self.residual_dtype)  # [T, D]
         cos = self.cos[start:start + T, None, :]  # [T, 1, hd]
         sin = self.sin_signed[start:start + T, None, :]  # [T, 1, hd], sign folded in (see _rope)
-        if T == 1 and self.planner is not None:
-            self.planner.start_token()
         attention = self._attention if self.spec.mla is None else self._mla_attention
         for layer, lw in enumerate(self.w.layers):
             h = h + attention(layer, lw, _rms(h, lw.attn_norm, self.spec.rms_norm_eps), cos, sin, start)
@@ -620,28 +637,30 @@ class Transformer:
             return None
         return self.gates[layer].scores(x, topi)
 
-    def unit_weights(self, layer: int, x: torch.Tensor, topv: torch.Tensor,
-                     topi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Selected units (sorted, CPU) [P] and their per-token weights [P, T] (None: all 1)."""
+    def unit_weights(self, layer: int, x: torch.Tensor, topv: torch.Tensor, topi: torch.Tensor, *,
+                     k: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Selected units (sorted, CPU) [P] and their per-token weights [P, T] (None: all 1), at
+        operating point ``k`` (None: the model's)."""
         f, S = self.spec.ffn[layer], self.parts[layer]
         T = x.shape[0]
-        if self.selector is None and not f.routed:
+        selector = self.selector if k is None else self.selector_at(k)
+        if selector is None and not f.routed:
             # Dense FFN at full operating point: every unit, weight 1, no sync needed.
             return self._all_units[layer], None
         if T == 1:
             # Decode: the token's units straight from its k (distinct) experts, no [U, T] scatter.
-            if self.selector is not None:
-                if self.kernels[layer].reads_whole_experts and self.planner is None:
+            if selector is not None:
+                if self.kernels[layer].reads_whole_experts and not (self.planner is not None and self.planner.trims):
                     # Unselected parts weigh 0 in a kernel that computes them anyway: no host
-                    # sync to list the selected ones (the planner drops units: it needs the list).
+                    # sync to list the selected ones (a planner that drops units needs the list).
                     dense = None if f.routed else self._all_units[layer]
-                    return self.selector.decode_weights(layer, x, topv, topi, dense)  # [P], [P, 1]
-                return self.selector.decode_units(layer, x, topv, topi)  # [P], [P, 1]
+                    return selector.decode_weights(layer, x, topv, topi, dense)  # [P], [P, 1]
+                return selector.decode_units(layer, x, topv, topi)  # [P], [P, 1]
             return full_token_units(S, topv, topi, self._part_ids[S], x.dtype)
-        if self.selector is None:
+        if selector is None:
             w = topv[:, :, None].expand(T, topi.shape[1], S)  # [T, k, S]
         else:
-            w = self.selector(layer, x, topv, topi)  # [T, k, S]
+            w = selector(layer, x, topv, topi)  # [T, k, S]
         units = topi[:, :, None] * S + torch.arange(S, device=x.device)  # [T, k, S]
         tok = torch.arange(T, device=x.device)[:, None, None].expand_as(units)  # [T, k, S]
         dense = x.new_zeros(f.num_experts * S, T)  # [U, T]
@@ -651,11 +670,13 @@ class Transformer:
 
     def _experts(self, layer: int, x: torch.Tensor, topv: torch.Tensor, topi: torch.Tensor,
                  resid: torch.Tensor) -> torch.Tensor:
-        units, wt = self.unit_weights(layer, x, topv, topi)  # [P], [P, T] or None
         T = x.shape[0]
         decode = T == 1
+        planner = self.planner if decode else None
+        k = None if planner is None else planner.operating_point(layer)
+        units, wt = self.unit_weights(layer, x, topv, topi, k=k)  # [P], [P, T] or None
         host = None
-        if decode and self.planner is not None:
+        if planner is not None and planner.trims:
             if wt is None:
                 wt = x.new_ones(units.shape[0], 1)
             units, wt, host_units, host_wt = self.planner.plan(layer, x, units, wt, topi)  # [P'], [P', 1]
