@@ -61,6 +61,8 @@ class CostModel:
     host_convert_s: float | None = None  # one block into float32 for the host FFN (none for float32 blocks)
     d2h_s: float | None = None  # x's copy to the host (None: copy_overhead_s)
     h2d_result_s: float | None = None  # the host result's copy back (None: copy_overhead_s)
+    # per layer below full K: its sub-experts chosen by gate score (None: not measured)
+    select_s: float | None = None
 
     def load_s(self, nbytes: int, count: int, lanes: int | None = None) -> float:
         """Time until ``count`` loads of ``nbytes`` each have arrived, ``lanes`` at a time (one
@@ -107,8 +109,9 @@ def profiles_dir() -> Path:
 
 
 # Profiles of an older cost model are measured again (2: the host path's reads, conversions
-# and copies; 3: per-unit and per-layer time from whole decode tokens).
-COST_MODEL_VERSION = 3
+# and copies; 3: per-unit and per-layer time from whole decode tokens; 4: the selection's
+# time per layer below full K).
+COST_MODEL_VERSION = 4
 
 
 def _cache_path(device: torch.device, signature: str) -> Path:
@@ -161,15 +164,22 @@ def transfer_lanes(store) -> int | None:
     return None if own is None else max(int(own()), 1)
 
 
-def planner_for(model, *, budget_s: float, device: torch.device, dtype: torch.dtype) -> "LatencyPlanner":
-    """A LatencyPlanner for ``model`` from its device's cost model (measured once, cached per
-    device and model shape) and its store's transfer lanes."""
+def planner_for(model, *, budget_s: float, device: torch.device, dtype: torch.dtype):
+    """The planner for ``model`` from its device's cost model (measured once, cached per
+    device and model shape): where its store streams sub-experts (a miss costs a load, or
+    may run on the host), a LatencyPlanner over its transfer lanes, planning each layer;
+    where it does not (everything resident, or the CPU reading misses in place), a
+    runtime.token_planner.TokenPlanner, choosing each layer's operating point."""
     s = model.spec
     # The FFN kernel is part of the key: whole resident experts and per-unit calls on a slot
     # pool cost differently per sub-expert.
     signature = (f"{s.family}-L{s.num_layers}-D{s.hidden_size}-W{max(f.width for f in s.ffn)}-"
                  f"S{max(model.parts)}-{str(dtype).removeprefix('torch.')}-{type(model.kernels[0]).__name__}")
     cost = measure_cost_model(model, device=device, signature=signature)
+    if not model.store.streams:
+        from .token_planner import TokenPlanner
+
+        return TokenPlanner(model, cost, budget_s=budget_s)
     return LatencyPlanner(model, model.store, cost, budget_s=budget_s)  # lanes from the store
 
 
@@ -201,13 +211,13 @@ def _measure(model, device: torch.device) -> CostModel:
     # Per unit and per layer from whole decode tokens; where that cannot run, from the
     # kernel and the attention projections timed alone.
     decode = _measure_decode(model, device, head)
-    unit_s, layer_fixed = decode if decode is not None else _measure_parts(model, layer, x, device)
+    unit_s, layer_fixed, select = decode if decode is not None else (*_measure_parts(model, layer, x, device), None)
     host = {}
     if (device.type == "cuda" and hasattr(model.store, "host_blocks") and isinstance(pool, torch.Tensor)
             and pool.dtype.is_floating_point):
         host = _measure_host(model, layer, x, device)
     return CostModel(device=device_name(device), h2d_bytes_per_s=bw, copy_overhead_s=overhead,
-                     unit_s=unit_s, layer_fixed_s=layer_fixed, head_s=head, **host)
+                     unit_s=unit_s, layer_fixed_s=layer_fixed, head_s=head, select_s=select, **host)
 
 
 def _measure_parts(model, layer: int, x: torch.Tensor, device: torch.device) -> tuple[float, float]:
@@ -235,6 +245,8 @@ def _measure_parts(model, layer: int, x: torch.Tensor, device: torch.device) -> 
 class _KeepShare:
     """A model.Planner that keeps the first ``share`` of every layer's selection (measurement)."""
 
+    trims = True
+
     def __init__(self, share: float):
         self.share, self.kept = share, 0  # sub-experts kept in the last token
 
@@ -247,6 +259,9 @@ class _KeepShare:
     def reset_stats(self) -> None:
         pass
 
+    def operating_point(self, layer: int) -> None:
+        return None
+
     def plan(self, layer, x, units, wt, topi):
         n = max(1, math.ceil(self.share * units.shape[0])) if units.shape[0] else 0
         self.kept += n
@@ -254,18 +269,23 @@ class _KeepShare:
 
 
 def _measure_decode(model, device: torch.device, head_s: float, tokens: int = 6
-                    ) -> tuple[float, float] | None:
-    """(per sub-expert, per layer fixed) seconds of real decode tokens: the model's own path,
-    Python, selection and store bookkeeping included, which a kernel timed alone leaves out
-    (on the default model at a 25% budget: 14 us a unit alone against ~40 us in a token, and
-    a third of the per-layer time). Tokens keeping every selected sub-expert against tokens
-    keeping half: token = L x fixed + units x unit + head. None where it cannot run."""
+                    ) -> tuple[float, float, float | None] | None:
+    """(per sub-expert, per layer fixed, per layer selecting below full K) seconds of real
+    decode tokens: the model's own path, Python, selection and store bookkeeping included,
+    which a kernel timed alone leaves out (on the default model at a 25% budget: 14 us a
+    unit alone against ~40 us in a token, and a third of the per-layer time). Tokens keeping
+    every selected sub-expert against tokens keeping half: token = L x fixed + units x unit
+    + head. Then tokens at half the operating point, chosen by the model's own selector
+    (gate scores, no planner), against the tokens keeping the first half: what choosing
+    costs a layer (None without gates). None where it cannot run."""
     if model.planner is not None or model.cache.length:
         return None  # a planner of its own, or a conversation under way: not disturbed
     ids = torch.arange(1, 9) % model.spec.vocab_size
     keep = {1.0: _KeepShare(1.0), 0.5: _KeepShare(0.5)}
-    times: dict[float, list[float]] = {1.0: [], 0.5: []}
+    times: dict[float, list[float]] = {1.0: [], 0.5: [], 0.0: []}
     kept: dict[float, list[int]] = {1.0: [], 0.5: []}
+    point = model.operating_point
+    half = None if model.gates is None or point is None or point < 2 else -(-point // 2)
     try:
         model.forward(ids)
         for i in range(tokens):
@@ -276,16 +296,35 @@ def _measure_decode(model, device: torch.device, head_s: float, tokens: int = 6
                 synchronize(device)
                 times[share].append(time.perf_counter() - t)
                 kept[share].append(planner.kept)
+            if half is not None:
+                model.set_planner(None)
+                model.set_operating_point(half)
+                t = time.perf_counter()
+                model.forward(ids[i % 8:i % 8 + 1])
+                synchronize(device)
+                times[0.0].append(time.perf_counter() - t)
+                model.set_operating_point(point)
     finally:
         model.set_planner(None)
+        if point is not None:
+            model.set_operating_point(point)
         model.reset()
-    full, half = (sorted(times[s])[tokens // 2] for s in (1.0, 0.5))
+    full, half_t = (sorted(times[s])[tokens // 2] for s in (1.0, 0.5))
     n_full, n_half = (sorted(kept[s])[tokens // 2] for s in (1.0, 0.5))
     if n_full <= n_half:
         return None  # nothing to drop (every layer keeps one): no per-unit time to see
-    unit = max((full - half) / (n_full - n_half), 1e-7)
+    unit = max((full - half_t) / (n_full - n_half), 1e-7)
     fixed = max((full - head_s - unit * n_full) / model.spec.num_layers, 1e-6)
-    return unit, fixed
+    select = None
+    if half is not None:
+        from .token_planner import layer_units
+
+        at_half, at_full = layer_units(model.spec, model.parts, half), layer_units(model.spec, model.parts, point)
+        selecting = sum(a < f for a, f in zip(at_half, at_full))
+        if selecting:
+            chosen = sorted(times[0.0])[tokens // 2] - unit * (sum(at_half) - n_half)
+            select = max((chosen - half_t) / selecting, 0.0)
+    return unit, fixed, select
 
 
 def _measure_host(model, layer: int, x: torch.Tensor, device: torch.device) -> dict:
@@ -557,6 +596,8 @@ class LatencyPlanner:
     [P]-sized vectors cost more than the sub-experts the plan saved on a small model.
     """
 
+    trims = True  # model.Planner: plan() trims each layer's selection
+
     def __init__(self, model, store, cost: CostModel, *, budget_s: float, load_lanes: int | None = None,
                  min_share: float = 0.5):
         """``load_lanes``: how many missing sub-experts the store's transfer engine loads at
@@ -678,6 +719,10 @@ class LatencyPlanner:
     def floor(self, P: int) -> int:
         """The fewest of ``P`` selected sub-experts a layer keeps, however late the token."""
         return min(P, max(1, math.ceil(self.min_share * P)))
+
+    def operating_point(self, layer: int) -> None:
+        """None: every layer selects at the model's operating point, and :meth:`plan` trims it."""
+        return None
 
     def plan(self, layer: int, x: torch.Tensor, units: torch.Tensor, wt: torch.Tensor,
              topi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
