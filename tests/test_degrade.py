@@ -29,6 +29,8 @@ def test_compare_rows_and_table(prism_of, tmp_path):
         if r.best_fixed_k is not None:  # the largest K whose median latency meets the budget
             assert fixed[r.best_fixed_k].p50_ms <= r.latency_budget_ms
             assert all(f.p50_ms > r.latency_budget_ms for k, f in fixed.items() if k > r.best_fixed_k)
+        if r.best_within_k is not None:  # 95% within the budget implies a median within it
+            assert r.best_fixed_k is not None and r.best_within_k <= r.best_fixed_k
     text = table(rows)
     assert "best fixed K" in text and "| 12 |" in text
     plot(rows, tmp_path / "q.png", "test")
