@@ -46,6 +46,9 @@ class RuntimeConfig:
     token_latency_ms: float | None = None  # None: never drop sub-experts (exact)
     dequantize: bool = False  # expand quantized weights to the compute dtype at load (reference path)
     host_tier: str = "auto"  # under a budget, sub-experts outside it: 'ram' (pinned), 'disk' or 'auto'
+    # Spread the operating point's sub-experts across layers by the checkpoint's measured layer
+    # sensitivity (allocation.LayerAllocation), where it has one; False: every layer at K.
+    layer_allocation: bool = True
 
     def __post_init__(self) -> None:
         from numbers import Integral
@@ -166,11 +169,13 @@ def _build_prism(path: Path, cfg: RuntimeConfig, *, dtype: torch.dtype, device: 
     if k is None:
         k = pc.manifest.get("default_operating_point") or full
     k = check_operating_point(k, spec, parts)
-    plan = _checked(_prism_memory(pc, spec, k, cfg, dtype=dtype, device=device))
+    allocation = prism_allocation(pc, spec) if cfg.layer_allocation else None
+    points = k if allocation is None else allocation.points(k)
+    plan = _checked(_prism_memory(pc, spec, points, cfg, dtype=dtype, device=device))
     if cfg.memory_budget is None:
         store, kernels = _resident_store(pc, spec, backend, dtype=dtype, device=device)
     else:
-        store, kernels = _budgeted_store(pc, spec, k, cfg, backend, dtype=dtype, device=device,
+        store, kernels = _budgeted_store(pc, spec, points, cfg, backend, dtype=dtype, device=device,
                                          budget_bytes=plan.memory_budget_bytes)
     weights = build_weights(spec, reader)
     # Gates are loaded at every K (they are small), so Engine.set_operating_point can move to
@@ -183,12 +188,27 @@ def _build_prism(path: Path, cfg: RuntimeConfig, *, dtype: torch.dtype, device: 
     else:
         gates = [_layer_gate(pc, layer, kind, dtype, device) for layer in range(spec.num_layers)]
     model = Transformer(spec, weights, store, parts=parts, kernels=kernels, dtype=dtype, device=device,
-                        gates=gates, operating_point=k)
+                        gates=gates)
+    model.set_allocation(allocation)
+    model.set_operating_point(k)
     if prefetch_applies(cfg, device) and store.streams:  # only a store that streams can prefetch
         model.set_prefetcher(_prefetcher(pc, model))
     if cfg.token_latency_ms is not None:
         model.set_planner(_planner(model, cfg, device=device, dtype=dtype))
     return model, Tokenizer.from_hf_dir(path)
+
+
+def prism_allocation(pc, spec: ModelSpec):
+    """The checkpoint's per-layer allocation (allocation.LayerAllocation), None where it
+    stores no measured layer sensitivity (every layer at K)."""
+    from edge_prism.allocation import LayerAllocation
+
+    record = pc.manifest.get("layer_sensitivity")
+    if not record:
+        return None
+    grid = record.get("grid") or [1]
+    return LayerAllocation(spec, pc.parts, record.get("values"), lowest=min(grid),
+                           where=str(pc.path / "prism.json"))
 
 
 def float_pool(pc, layer: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -229,8 +249,9 @@ def _resident_store(pc, spec: ModelSpec, backend, *, dtype: torch.dtype, device:
     return WholeBudgetStore(pools, units, budget_bytes=budget_bytes), kernels
 
 
-def layer_blocks(pc, spec: ModelSpec, k: int, *, dtype: torch.dtype | None = None) -> list:
-    """Where each layer's blocks live and how many one token selects at operating point ``k``.
+def layer_blocks(pc, spec: ModelSpec, k: int | list[int], *, dtype: torch.dtype | None = None) -> list:
+    """Where each layer's blocks live and how many one token selects at operating point ``k``
+    (a list: each layer's own, see allocation.LayerAllocation).
 
     ``dtype``: the compute dtype float blocks are held in (slots, host tiers), converted once
     on their way in; None keeps the stored dtype. Quantized blocks stay bytes.
@@ -238,12 +259,13 @@ def layer_blocks(pc, spec: ModelSpec, k: int, *, dtype: torch.dtype | None = Non
     from edge_prism.runtime.store import LayerBlocks
     from edge_prism.select import quotas
 
+    points = [k] * spec.num_layers if isinstance(k, int) else list(k)
     out = []
-    for layer, (f, S) in enumerate(zip(spec.ffn, pc.parts)):
+    for layer, (f, S, kl) in enumerate(zip(spec.ffn, pc.parts, points)):
         if f.routed:
-            most = sum(quotas(k, f.top_k, S))
+            most = sum(quotas(kl, f.top_k, S))
         else:
-            most = S if spec.is_moe else min(k, S)
+            most = S if spec.is_moe else min(kl, S)
         blocks = pc.blocks(layer)
         held = blocks.dtype if dtype is None or pc.unit_format(layer) is not None else dtype
         out.append(LayerBlocks(
@@ -270,7 +292,7 @@ def resolve_budget(budget: str | int, layers: list, *, device: torch.device, res
     return min(total, parse_size(budget, total=total, what="memory budget"))
 
 
-def _budgeted_store(pc, spec: ModelSpec, k: int, cfg: RuntimeConfig, backend, *, dtype: torch.dtype,
+def _budgeted_store(pc, spec: ModelSpec, k: int | list[int], cfg: RuntimeConfig, backend, *, dtype: torch.dtype,
                     device: torch.device, budget_bytes: int):
     from edge_prism.runtime.sizes import format_size
     from edge_prism.runtime.store import BudgetedStore, _block_bytes, minimum_budget, prism_tiers
@@ -342,8 +364,11 @@ def memory_report(model, cfg: RuntimeConfig | None = None) -> dict:
         pc = open_prism(path)
         spec = build_spec(pc.config, where=str(path / "prism.json"))
         k = cfg.operating_point or pc.manifest.get("default_operating_point") or max_operating_point(spec, pc.parts)
+        k = check_operating_point(k, spec, pc.parts)
+        allocation = prism_allocation(pc, spec) if cfg.layer_allocation else None
         try:
-            plan = _prism_memory(pc, spec, check_operating_point(k, spec, pc.parts), cfg, dtype=dtype, device=device)
+            plan = _prism_memory(pc, spec, k if allocation is None else allocation.points(k), cfg, dtype=dtype,
+                                 device=device)
         except BudgetError as e:  # a budget below the minimum: reported, not raised
             return {"device": str(device), "memory_budget_bytes": None, "fits": False, "problem": str(e)}
     else:
@@ -442,7 +467,7 @@ def _plain_memory(path: Path, raw, spec: ModelSpec, cfg: RuntimeConfig, *, dtype
                         slot_pool_bytes=0, host_tier_bytes=0, staging_bytes=0, memory_budget_bytes=None)
 
 
-def _prism_memory(pc, spec: ModelSpec, k: int, cfg: RuntimeConfig, *, dtype: torch.dtype,
+def _prism_memory(pc, spec: ModelSpec, k: int | list[int], cfg: RuntimeConfig, *, dtype: torch.dtype,
                   device: torch.device):
     """The memory plan of a prism checkpoint at operating point ``k`` (budget resolved)."""
     from edge_prism.runtime.accounting import MemoryReport, auto_budget

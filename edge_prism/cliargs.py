@@ -108,6 +108,9 @@ def add_runtime_args(p: argparse.ArgumentParser, *, operating_point: bool = True
                         "disk (read from the checkpoint file; the default on Jetson and on the CPU) or auto")
     p.add_argument("--max-context", type=_positive_int, default=None,
                    help="tokens the KV cache holds at most (default: the model's); lower it to fit memory")
+    p.add_argument("--uniform-layers", dest="layer_allocation", action="store_false", default=True,
+                   help="run every layer at the operating point (default: spread its sub-experts across "
+                        "layers by the checkpoint's measured layer sensitivity, where it has one)")
 
 
 def runtime_config(args: argparse.Namespace, **override):
@@ -122,7 +125,8 @@ def runtime_config(args: argparse.Namespace, **override):
                   prefetch=getattr(args, "prefetch", None),
                   token_latency_ms=getattr(args, "token_latency_ms", None),
                   host_tier=getattr(args, "host_tier", "auto"),
-                  max_context=getattr(args, "max_context", None))
+                  max_context=getattr(args, "max_context", None),
+                  layer_allocation=getattr(args, "layer_allocation", True))
     fields.update(override)
     return RuntimeConfig(**fields)
 

@@ -418,6 +418,8 @@ class Transformer:
         self.residual_dtype = torch.float32 if dtype == torch.float16 else dtype
         self.selector: Selector | None = None  # None: every part of every routed expert
         self.operating_point: int | None = None  # K, for reports (None: plain checkpoint)
+        self.allocation = None  # allocation.LayerAllocation: K per layer for the model's K (None: K everywhere)
+        self.layer_points: list[int] | None = None  # each layer's K outside a planner (None: plain checkpoint)
         self.route_top_k: int | None = None  # baseline curves: route to fewer experts than top_k
         self.gates = gates
         self.ffn_observer = ffn_observer
@@ -448,6 +450,29 @@ class Transformer:
                               "the model with gates=")
         self.selector = self.selector_at(k)
         self.operating_point = k
+        self.layer_points = [k] * self.spec.num_layers if self.allocation is None else self.allocation.points(k)
+
+    def set_allocation(self, allocation) -> None:
+        """Spread the operating point's sub-experts across layers by ``allocation``
+        (allocation.LayerAllocation; None: every layer at K) from now on."""
+        self.allocation = allocation
+        if self.operating_point is not None:
+            self.set_operating_point(self.operating_point)
+
+    def set_layer_points(self, points: list[int]) -> None:
+        """Run layer i at operating point ``points[i]`` (a measurement; set_operating_point
+        goes back to the allocation's)."""
+        if len(points) != self.spec.num_layers:
+            raise ConfigError(f"{len(points)} layer operating points for {self.spec.num_layers} layers")
+        for k in points:
+            check_operating_point(k, self.spec, self.parts)
+        self.layer_points = list(points)
+
+    def selector_for(self, layer: int) -> SubExpertSelector | None:
+        """The selector ``layer`` runs outside a planner: its operating point's."""
+        if self.layer_points is None:
+            return self.selector
+        return self.selector_at(self.layer_points[layer])
 
     def selector_at(self, k: int) -> SubExpertSelector | None:
         """The selector of operating point ``k`` (None at full K), made once per K: a planner
@@ -525,20 +550,49 @@ class Transformer:
         self.cache.reserve(start + T)
         self._ensure_rope(start + T)
         h = self.w.embed(ids.to(self.device)).to(self.residual_dtype)  # [T, D]
-        cos = self.cos[start:start + T, None, :]  # [T, 1, hd]
-        sin = self.sin_signed[start:start + T, None, :]  # [T, 1, hd], sign folded in (see _rope)
-        attention = self._attention if self.spec.mla is None else self._mla_attention
-        for layer, lw in enumerate(self.w.layers):
-            h = h + attention(layer, lw, _rms(h, lw.attn_norm, self.spec.rms_norm_eps), cos, sin, start)
-            h = h + self._ffn(layer, lw, _rms(h, lw.ffn_norm, self.spec.rms_norm_eps), h)
+        h = self._layers(h, start, 0)
         self.cache.length = start + T
         if not all_logits:
             h = h[-1:]
-        h = _rms(h, self.w.norm, self.spec.rms_norm_eps)
-        logits = self.w.lm_head(h).float()  # [T or 1, V]
+        logits = self._head(h)  # [T or 1, V]
         if T == 1 and self.planner is not None:
             self.planner.end_token()
         return logits
+
+    def _layers(self, h: torch.Tensor, start: int, first: int, inputs: list | None = None) -> torch.Tensor:
+        """The residual stream h [T, D] at positions start.. through layers first..; each
+        layer's input is appended to ``inputs`` where given."""
+        T = h.shape[0]
+        cos = self.cos[start:start + T, None, :]  # [T, 1, hd]
+        sin = self.sin_signed[start:start + T, None, :]  # [T, 1, hd], sign folded in (see _rope)
+        attention = self._attention if self.spec.mla is None else self._mla_attention
+        for layer in range(first, self.spec.num_layers):
+            lw = self.w.layers[layer]
+            if inputs is not None:
+                inputs.append(h)
+            h = h + attention(layer, lw, _rms(h, lw.attn_norm, self.spec.rms_norm_eps), cos, sin, start)
+            h = h + self._ffn(layer, lw, _rms(h, lw.ffn_norm, self.spec.rms_norm_eps), h)
+        return h
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.w.lm_head(_rms(h, self.w.norm, self.spec.rms_norm_eps)).float()
+
+    def prefill_inputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """All logits [T, V] of ``ids`` [T] from an empty cache, and each layer's input [T, D]
+        (for :meth:`logits_from`: a measurement that changes one layer runs from it on)."""
+        self.reset(0)
+        T = ids.shape[0]
+        self.cache.reserve(T)
+        self._ensure_rope(T)
+        inputs: list[torch.Tensor] = []
+        h = self._layers(self.w.embed(ids.to(self.device)).to(self.residual_dtype), 0, 0, inputs)
+        self.cache.length = T
+        return self._head(h), inputs
+
+    def logits_from(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """All logits [T, V] of the prefill :meth:`prefill_inputs` ran, from ``layer`` on with
+        input h [T, D] (the cache keeps the earlier layers' keys)."""
+        return self._head(self._layers(h, 0, layer))
 
     def _attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, start: int) -> torch.Tensor:
@@ -643,7 +697,7 @@ class Transformer:
         operating point ``k`` (None: the model's)."""
         f, S = self.spec.ffn[layer], self.parts[layer]
         T = x.shape[0]
-        selector = self.selector if k is None else self.selector_at(k)
+        selector = self.selector_for(layer) if k is None else self.selector_at(k)
         if selector is None and not f.routed:
             # Dense FFN at full operating point: every unit, weight 1, no sync needed.
             return self._all_units[layer], None

@@ -120,10 +120,11 @@ class Predictor:
         x = _rms(h, m.w.layers[target].ffn_norm, m.spec.rms_norm_eps)  # [1, D] (compute dtype)
         topv, topi = m.route(target, x)  # [1, k]
         S = m.parts[target]
-        if m.selector is None:
+        selector = m.selector_for(target)
+        if selector is None:
             w = topv[:, :, None].expand(1, topi.shape[1], S)  # [1, k, S]
         else:
-            w = m.selector(target, x, topv, topi)  # [1, k, S]
+            w = selector(target, x, topv, topi)  # [1, k, S]
         units = (topi[:, :, None] * S + torch.arange(S, device=x.device)).reshape(-1)  # [k*S]
         # Parts are stored hottest first: within an expert, earlier parts rank higher.
         hot = 1.0 - torch.arange(S, device=x.device, dtype=torch.float32) / (2 * S)  # [S]

@@ -299,6 +299,7 @@ def _measure_decode(model, device: torch.device, head_s: float, tokens: int = 6
             if half is not None:
                 model.set_planner(None)
                 model.set_operating_point(half)
+                model.set_layer_points([half] * model.spec.num_layers)  # every layer selecting, as counted below
                 t = time.perf_counter()
                 model.forward(ids[i % 8:i % 8 + 1])
                 synchronize(device)
@@ -317,7 +318,7 @@ def _measure_decode(model, device: torch.device, head_s: float, tokens: int = 6
     fixed = max((full - head_s - unit * n_full) / model.spec.num_layers, 1e-6)
     select = None
     if half is not None:
-        from .token_planner import layer_units
+        from edge_prism.allocation import layer_units
 
         at_half, at_full = layer_units(model.spec, model.parts, half), layer_units(model.spec, model.parts, point)
         selecting = sum(a < f for a, f in zip(at_half, at_full))

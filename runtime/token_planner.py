@@ -33,7 +33,8 @@ import time
 import torch
 
 from edge_prism.errors import ConfigError
-from edge_prism.select import max_operating_point, quotas
+from edge_prism.allocation import Increments, layer_units
+from edge_prism.select import max_operating_point
 
 from .device import synchronize
 from .planner import MISS_RATE, SCHEDULE_MARGIN, CostModel, transfer_lanes
@@ -51,16 +52,6 @@ SLACK_WINDOW = 32
 SLACK_SIGMAS = 3.0
 
 
-def layer_units(spec, parts: list[int], k: int) -> list[int]:
-    """Sub-experts each layer computes per decode token at operating point ``k`` (a dense
-    layer of a MoE model: all of its parts, at every K)."""
-    out = []
-    for f, s in zip(spec.ffn, parts):
-        if f.routed or not spec.is_moe:
-            out.append(sum(quotas(k, f.top_k, s)))
-        else:
-            out.append(f.top_k * s)
-    return out
 
 
 class TokenPlanner:
@@ -113,6 +104,9 @@ class TokenPlanner:
         self._k = [self.full] * self.L  # this token's operating point per layer
         self._due = [math.inf] * self.L  # per layer: when it should start (since the token's start)
         self._base = self.full
+        self._points = [self.full] * self.L  # the model's own operating point per layer (its allocation)
+        self._cut = False  # this token's plan runs below the model's points
+        self._increments: dict[int, Increments] = {}  # per base K
         self.reset_stats()
 
     @staticmethod
@@ -151,7 +145,9 @@ class TokenPlanner:
 
     def start_token(self) -> None:
         self._t0 = time.perf_counter()
-        self._base = self.model.operating_point or self.full
+        m = self.model
+        self._base = m.operating_point or self.full
+        self._points = m.layer_points or [self._base] * self.L
         self.tokens += 1
 
     def operating_point(self, layer: int) -> int:
@@ -162,7 +158,7 @@ class TokenPlanner:
             self._plan(0, now)
         else:
             due, margin = self._due[layer], SCHEDULE_MARGIN * self.budget_s
-            if now > due or (now < due - 2 * margin and self._k[layer] < self._base):
+            if now > due or (now < due - 2 * margin and self._cut):
                 self.replans += 1
                 self._plan(layer, now)
         return self._k[layer]
@@ -175,32 +171,46 @@ class TokenPlanner:
         return min(self._base, max(1, math.ceil(self.min_share * self._base)))
 
     def _plan(self, layer: int, elapsed: float) -> None:
-        """Operating points for ``layer`` and every later one, from the time left."""
+        """Operating points for ``layer`` and every later one, from the time left: the model's
+        own where they fit, else its increments (see allocation.Increments) from the floor up,
+        most loss removed per second first, as far as the time left allows."""
         L, b, c, a = self.L, self.unit_s, self.select_s, self.layer_fixed_s
         left = self.budget_s - self.slack_s - elapsed - a * (L - layer) - self.head_s
-        su, ss = self._su, self._ss
-        k, lowest = self._base, self.floor()
-        while k > lowest and b * su[k][layer] + c * ss[k][layer] > left:
-            k -= 1
-        ks = self._k
-        for j in range(layer, L):
-            ks[j] = k
-        if k < self._base:
-            # The first layers at K+1 as far as the time left allows: between two fixed
-            # operating points, where a fixed K must round down.
-            spare = left - b * su[k][layer] - c * ss[k][layer]
-            up, u0, s1, s0 = k + 1, self._u[k], self._sel[k + 1], self._sel[k]
-            u1 = self._u[k + 1]
-            for j in range(layer, L):
-                more = b * (u1[j] - u0[j]) + c * (s1[j] - s0[j])
-                if more > spare:
-                    break
-                ks[j], spare = up, spare - more
+        u, sel, ks, points = self._u, self._sel, self._k, self._points
+        own = sum(b * u[points[j]][j] + c * sel[points[j]][j] for j in range(layer, L))
+        if own <= left:
+            ks[layer:] = points[layer:]
+            self._cut = False
+        else:
+            inc = self._steps()
+            plan, _ = inc.plan(layer, left - inc.base_cost[layer])
+            ks[layer:] = plan[layer:]
+            self._cut = True
         margin = SCHEDULE_MARGIN * self.budget_s
-        t, due, u, sel = elapsed, self._due, self._u, self._sel
+        t, due = elapsed, self._due
         for j in range(layer, L):
             due[j] = t + margin
             t += a + b * u[ks[j]][j] + c * sel[ks[j]][j]
+
+    def _steps(self) -> Increments:
+        """The increments of the current base operating point (made once per base K)."""
+        base = self._base
+        if base not in self._increments:
+            alloc = self.model.allocation
+            measured = alloc is not None and alloc.measured
+            lo = [self.floor()] * self.L
+            hi = [self.full if measured else base] * self.L
+            b, c = self.unit_s, self.select_s
+            cost = [[b * self._u[k][j] + c * self._sel[k][j] for j in range(self.L)] for k in range(self.full + 1)]
+            if measured:
+                values = alloc.values
+            else:
+                # No measured loss: a layer's loss taken as the square of its units missing,
+                # so the steps go one K at a time across the layers (a fractional uniform K).
+                values = [[float(self._u[base][j] - self._u[min(k, base)][j]) ** 2 for k in range(self.full + 1)]
+                          for j in range(self.L)]
+            self._increments[base] = Increments(cost, values, lo, hi, self._u)
+        return self._increments[base]
 
     def end_token(self) -> None:
         """The token's logits are computed: its time is learnt, and the slack follows

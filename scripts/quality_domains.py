@@ -39,10 +39,15 @@ CALIBRATIONS = {
 TARGET_K12, TOLERANCE = 1.5, 1.25
 
 
-def eval_cli(prism: Path, text: Path, max_tokens: int) -> tuple[list[str], list[dict]]:
+LAYERS = ("allocated", "uniform")  # each K spread across layers by the measured sensitivity, or K everywhere
+
+
+def eval_cli(prism: Path, text: Path, max_tokens: int, layers: str = "allocated") -> tuple[list[str], list[dict]]:
     """Rows of `edge-prism eval` on one text (the command as a user types it, and its JSON)."""
     args = ["eval", str(prism), "--text-file", str(text), "--operating-points", "all", "--json",
             "--no-baseline", "--max-tokens", str(max_tokens), "--device", "cpu"]
+    if layers == "uniform":
+        args.append("--uniform-layers")
     run = subprocess.run([sys.executable, "-c", "import sys; from edge_prism.cli import main; sys.exit(main())",
                           *args], capture_output=True, text=True, check=False)
     if run.returncode:
@@ -52,7 +57,7 @@ def eval_cli(prism: Path, text: Path, max_tokens: int) -> tuple[list[str], list[
 
 def measure(model: str, solvers: list[str], domains: list[str], max_tokens: int, work: Path,
             partial: Path | None = None, calibrations: list[str] = list(CALIBRATIONS),
-            cache: Path | None = None) -> dict:
+            cache: Path | None = None, layers: list[str] = list(LAYERS), prism: Path | None = None) -> dict:
     """Refactor per (calibration, solver), evaluate every domain at every K (the results so far
     go to ``partial`` after each domain). ``cache``: reuse its generated text (else a fresh cache,
     and the generation is timed)."""
@@ -65,21 +70,27 @@ def measure(model: str, solvers: list[str], domains: list[str], max_tokens: int,
                  "generate_s": None if cache else _time_generation(model, CALIBRATIONS["new"][1])}
     for calib in calibrations:
         desc, cfg = CALIBRATIONS[calib]
-        for solver in solvers:
-            name = f"{calib}-{solver}"
-            prism = work / f"{name}.prism"
-            t0 = time.perf_counter()
-            report = refactor(model, prism, replace(cfg, solver=solver), force=True, progress=True)
-            run = {"calibration": desc, "solver": solver, "refactor_s": time.perf_counter() - t0,
-                   "calib_tokens": report.calib_tokens, "domains": {}}
+        for solver, mode in [(s, m) for s in solvers for m in layers]:
+            name = f"{calib}-{solver}" + ("" if mode == "allocated" else f"-{mode}")
+            built = prism or work / f"{calib}-{solver}.prism"
+            if prism is not None:
+                made = {"refactor_s": None, "prism": str(prism)}
+            elif not built.exists():
+                t0 = time.perf_counter()
+                report = refactor(model, built, replace(cfg, solver=solver), force=True, progress=True)
+                made = {"refactor_s": time.perf_counter() - t0, "calib_tokens": report.calib_tokens}
+            else:
+                made = {"refactor_s": None, "prism": f"{calib}-{solver}'s, as above"}
+            run = {"calibration": desc, "solver": solver, "layers": mode, "domains": {}, **made}
             for d in domains:
-                cmd, rows = eval_cli(prism, texts[d], max_tokens)
+                cmd, rows = eval_cli(built, texts[d], max_tokens, mode)
                 ppl = {r["operating_point"]: r["perplexity"] for r in rows}
                 full = max(ppl)
                 usable = usable_points([QualityRow(k, p, "prism") for k, p in ppl.items()], full_ppl=ppl[full],
                                        tolerance=TOLERANCE)
                 run["domains"][d] = {"perplexity": ppl, "ratio": {k: p / ppl[full] for k, p in ppl.items()},
-                                     "usable": usable, "command": " ".join(cmd[:2] + [f"{name}.prism"] + cmd[3:])}
+                                     "usable": usable,
+                                     "command": " ".join(cmd[:2] + [f"{calib}-{solver}.prism"] + cmd[3:])}
                 print(f"{name:16} {d:10} K={round(0.75 * full)} x{ppl[round(0.75 * full)] / ppl[full]:.3f} "
                       f"usable {usable}", file=sys.stderr, flush=True)
                 res["runs"][name] = run
@@ -129,8 +140,14 @@ def markdown(res: dict) -> str:
              "(English); code = stdlib source of modules outside the docstring corpus.", "",
              (f"Writing the new calibration text (first use of a model, then cached): {res['generate_s']:.0f} s. "
               if res.get("generate_s") else "Writing the new calibration text: not timed in this run (--cache). ") +
-             "Runs: " + "; ".join(f"**{n}**: {r['calibration']}, solver {r['solver']}, refactor "
-                                  f"{r['refactor_s']:.0f} s" for n, r in runs.items()), "",
+             "Runs: " + "; ".join(f"**{n}**: {r['calibration']}, solver {r['solver']}, "
+                                  f"layers {r.get('layers', 'uniform')}, "
+                                  + (f"refactor {r['refactor_s']:.0f} s" if r.get("refactor_s") else
+                                     f"prism {r.get('prism', 'built by an earlier run')}")
+                                  for n, r in runs.items()), "",
+             "Layers: *allocated* spreads each K's sub-experts across layers by the layer sensitivity the "
+             "refactoring measured on its calibration text (edge_prism/allocation.py; same sub-experts per "
+             "token as K in every layer); *uniform* runs every layer at K (`--uniform-layers`).", "",
              f"## Summary at K={k34} (target: at most {TARGET_K12}x on every domain) and usable points "
              "(target: at least 5)", "",
              "| run | " + " | ".join(domains) + " | usable points (fewest over domains) |",
@@ -174,6 +191,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--calibrations", default=",".join(CALIBRATIONS), help="comma-separated, of old,new")
     p.add_argument("--cache", default=None, help="reuse the generated text cached in this directory")
+    p.add_argument("--layers", default=",".join(LAYERS), help="comma-separated, of allocated,uniform")
+    p.add_argument("--prism", default=None,
+                   help="evaluate this prism checkpoint (built with the new calibration's defaults) instead of "
+                        "refactoring; with one solver, the one it was built with")
     p.add_argument("--out", default=None, help="output stem (default profiles/quality_domains_<model>)")
     p.add_argument("--from-json", default=None,
                    help="only rewrite the Markdown from earlier JSONs (comma-separated: their runs are merged, "
@@ -196,7 +217,8 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as work:
             res = measure(model, args.solvers.split(","), args.domains.split(","), args.max_tokens, Path(work),
                           partial=stem.with_name(stem.name + ".partial.json"),
-                          calibrations=args.calibrations.split(","), cache=args.cache and Path(args.cache))
+                          calibrations=args.calibrations.split(","), cache=args.cache and Path(args.cache),
+                          layers=args.layers.split(","), prism=args.prism and Path(args.prism))
         res["model"] = args.model
     for suffix, text in ((".json", json.dumps(res, indent=1)), (".md", markdown(res))):
         tmp = stem.with_name(stem.name + suffix + ".tmp")

@@ -197,8 +197,9 @@ def prism_of(tiny_checkpoint, tmp_path_factory):
     from edge_prism.refactor.refactor import RefactorConfig, refactor
 
     built: dict[str, Path] = {}
-    # Float blocks unless a test asks for quantization: these checkpoints test exactness.
-    fast = dict(calib_tokens=384, rows_per_expert=256, seq_len=128, quant="none")
+    # Float blocks unless a test asks for quantization: these checkpoints test exactness; and every
+    # layer at K unless a test asks for the measured allocation (tests/test_allocation.py).
+    fast = dict(calib_tokens=384, rows_per_expert=256, seq_len=128, quant="none", layer_sensitivity=False)
 
     def make(family: str, solver: str = "anneal", **kw) -> Path:
         key = json.dumps([family, solver, kw], sort_keys=True)

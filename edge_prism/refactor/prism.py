@@ -231,13 +231,15 @@ def streamed_experts_path(out: Path, kind: str = "experts") -> Path:
 
 def write_prism(out: Path, *, manifest: dict, dense: dict[str, torch.Tensor],
                 experts: dict[str, torch.Tensor] | Path, gates: dict[str, torch.Tensor] | Path, force: bool,
-                extra: Callable[[Path], None] | None = None) -> None:
+                extra: Callable[[Path], None] | None = None,
+                finish: Callable[[Path], dict] | None = None) -> None:
     """Write a prism checkpoint atomically (same inputs give the same bytes).
 
     ``experts``, ``gates``: the tensors, or a file already written (StreamedSafetensors),
     moved into the checkpoint. ``extra(dir)`` writes further files (the tokenizer) into the
-    directory before it is renamed into place. Every file listed in ``file_sizes`` gets its
-    sha256 in ``file_sha256``.
+    directory before it is renamed into place. ``finish(dir)``: then, entries for the manifest
+    measured on the written checkpoint (it is loaded from ``dir``); a failure there replaces
+    nothing. Every file listed in ``file_sizes`` gets its sha256 in ``file_sha256``.
     """
     out = Path(out)
     with output_lock(out):
@@ -258,6 +260,9 @@ def write_prism(out: Path, *, manifest: dict, dense: dict[str, torch.Tensor],
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
             if extra is not None:
                 extra(tmp)
+            if finish is not None:
+                manifest.update(finish(tmp))
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
             _settle(tmp)
             _swap_in(tmp, out, force=force)
         except BaseException as e:

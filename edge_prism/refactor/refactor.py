@@ -91,6 +91,9 @@ class RefactorConfig:
     # each sub-expert's W_down quantized again at int8), "source" (again, at the source's own
     # precision) or "whole-groups" (the solver moves whole W_down groups: exact, coarser).
     permuted_down: str = "int8"
+    # Measure each layer's loss at each operating point on the calibration text and store it
+    # (refactor.sensitivity), so an operating point's sub-experts go where they are worth most.
+    layer_sensitivity: bool = True
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
@@ -366,13 +369,31 @@ def _refactor(path: Path, out: Path, cfg: RefactorConfig, *, force: bool, progre
     }
     phase("writing")
     try:
+        finish = None
+        if cfg.layer_sensitivity and any(parts[j] > 1 for j in range(spec.num_layers)):
+            def finish(tmp: Path) -> dict:
+                phase("layer sensitivity")
+                return {"layer_sensitivity": _layer_sensitivity(tmp, ids, progress=progress)}
         write_prism(out, manifest=manifest, dense=dense, experts=experts, gates=gates, force=force,
-                    extra=raw.tokenizer.save)
+                    extra=raw.tokenizer.save, finish=finish)
     finally:
         experts.unlink(missing_ok=True)  # moved into the checkpoint, or left by a failure
         gates.unlink(missing_ok=True)
     return RefactorReport(out=out, seconds=time.perf_counter() - start, calib_tokens=collector.tokens,
                           objective=objective)
+
+
+def _layer_sensitivity(tmp: Path, ids: torch.Tensor, *, progress: bool) -> dict:
+    """The layer_sensitivity record of the checkpoint just written to ``tmp`` (see
+    refactor.sensitivity), on the calibration ids."""
+    from edge_prism.api import RuntimeConfig, load_with
+    from edge_prism.refactor import sensitivity
+
+    engine = load_with(tmp, RuntimeConfig(device="cpu", dtype="float32", layer_allocation=False))
+    try:
+        return sensitivity.measure(engine.model, ids, progress=progress)
+    finally:
+        engine.close()
 
 
 def _expert_entries(spec: ModelSpec, parts: list[int], formats: list, store_dtype: torch.dtype) -> list:
