@@ -122,6 +122,8 @@ def test_curve_is_monotone_and_zero_at_full():
     assert all(a >= b for a, b in zip(c, c[1:]))
     assert c[7] == pytest.approx(0.05) and c[5] == pytest.approx(0.05)  # the dip at 6 lifted to 8's loss
     assert c[0] > c[3]  # grown below the grid
+    assert c[10] == pytest.approx((0.02 * 0.01) ** 0.5, abs=1e-6)  # geometric between grid points
+    assert c[14] == pytest.approx(0.0015)  # linear from the top grid point to 0 at full
 
 
 def test_grid_and_windows():

@@ -4,7 +4,7 @@ For every layer whose selection varies with K and every K of a grid (shares of f
 KL divergence of the prism with that layer alone at K from the prism at full K, on windows
 of the calibration text (never the evaluation text). Each measurement runs the prefill from
 the changed layer on (Transformer.prefill_inputs / logits_from): about half a forward. The
-grid's losses are made non-increasing in K and interpolated to every K; below the grid
+grid's losses are made non-increasing in K and interpolated geometrically to every K; below the grid
 they grow by the ratio of its two lowest points per K (at least GROWTH). The checkpoint
 stores them as ``layer_sensitivity``; allocation.LayerAllocation spreads an operating
 point's sub-experts across layers by them.
@@ -91,7 +91,10 @@ def measure(model, ids: torch.Tensor, *, progress: bool = False) -> dict:
 
 def _curve(points: dict[int, float], full: int) -> list[float]:
     """Losses at K = 1..full from the grid's: non-increasing in K, 0 at full, interpolated
-    linearly between grid points and grown geometrically below them."""
+    geometrically between grid points (linearly from the top one to 0 at full) and grown
+    geometrically below them. Linear interpolation between grid points overstates the loss
+    between them, so the allocation put every layer on a grid point and moved layers by 4 K
+    at a time: x2.18 the full perplexity on the licenses at K=12 against x1.75 with this."""
     ks = sorted(points)
     known = {full: 0.0}
     for k in reversed(ks):  # from the top down, so a noisy dip cannot go below a larger K's loss
@@ -100,7 +103,11 @@ def _curve(points: dict[int, float], full: int) -> list[float]:
     top = sorted(known)
     for a, b in zip(top, top[1:]):
         for k in range(a, b + 1):
-            out[k] = known[a] + (known[b] - known[a]) * (k - a) / (b - a)
+            t = (k - a) / (b - a)
+            if known[a] > 0 and known[b] > 0:  # losses fall about geometrically in K
+                out[k] = known[a] * (known[b] / known[a]) ** t
+            else:  # down to 0 at full K (or flat at 0)
+                out[k] = known[a] + (known[b] - known[a]) * t
     lo = top[0]
     if len(top) >= 3 and known[top[1]] > 0:
         per_k = (known[lo] / known[top[1]]) ** (1 / (top[1] - lo))
