@@ -7,8 +7,9 @@ token runs each layer at a fixed operating point K's own selection (the model's
 SubExpertSelector for K, cached per K), and the planner only chooses K:
 
 per decode token: start_token() -> layer 0: the largest K whose predicted time fits the
-budget less the slack, every layer at K, then the first layers at K+1 as far as the time
-left allows (a fractional operating point) -> each later layer: one clock read against the
+budget less the slack, every layer at K's own point (the model's allocation of K across the
+layers, allocation.LayerAllocation, or K everywhere), then the first layers at K+1's points as
+far as the time left allows (a fractional operating point) -> each later layer: one clock read against the
 schedule; a layer that starts off it by more than SCHEDULE_MARGIN of the budget plans the
 rest of the token again from the time left -> end_token() learns the token's time.
 
@@ -33,7 +34,7 @@ import time
 import torch
 
 from edge_prism.errors import ConfigError
-from edge_prism.allocation import Increments, layer_units
+from edge_prism.allocation import layer_units
 from edge_prism.select import max_operating_point
 
 from .device import synchronize
@@ -41,7 +42,7 @@ from .planner import MISS_RATE, SCHEDULE_MARGIN, CostModel, transfer_lanes
 
 FIXED_GAIN = 0.1  # weight of one token in the running mean of the fixed term
 # The slack: how far the last SLACK_WINDOW tokens ran past the deadline they planned for
-# (budget - slack), median + SLACK_SIGMAS robust sigmas (median absolute deviation): ~98%
+# (budget - slack; or the end the plan predicted, where the floor ends after it), median + SLACK_SIGMAS robust sigmas (median absolute deviation): ~98%
 # of a normal spread, for MISS_RATE's 95% with room for the caller's own overhead around
 # the forward (0.1 ms of Python on the default model) that the planner cannot see. Robust,
 # because one stall (the first decode token: +5 ms) set a quantile's slack for twenty
@@ -61,9 +62,10 @@ class TokenPlanner:
     The deadline planned for is the budget less a slack: how far recent tokens ran past
     the deadline they planned for, median + SLACK_SIGMAS robust sigmas (about MISS_RATE of
     tokens miss, whatever the spread). It starts at SCHEDULE_MARGIN of the budget, so a
-    budget that full K meets by more than that drops nothing. No layer runs below the
+    budget that full K meets by more than that drops nothing. No token runs below the
     floor: ``min_share`` of the model's operating point (at least 1; a quarter by default,
-    so that a token that stalls runs at K/4, not at one sub-expert a layer).
+    so that a token that stalls runs at K/4, not at one sub-expert a layer), each layer at
+    the floor's own point in the model's allocation.
     """
 
     trims = False  # model.Planner: the model's selector at operating_point(layer) is the selection
@@ -81,9 +83,6 @@ class TokenPlanner:
         top = self._u[self.full]
         self._sel = [[0] * self.L] + [[int(u < t) for u, t in zip(self._u[k], top)]
                                       for k in range(1, self.full + 1)]
-        # suffix sums [K][layer], length L + 1
-        self._su = [self._suffix(row) for row in self._u]
-        self._ss = [self._suffix(row) for row in self._sel]
         self.head_s = cost.head_s
         fixed0 = self.L * cost.layer_fixed_s + cost.head_s
         select0 = cost.select_s
@@ -106,15 +105,9 @@ class TokenPlanner:
         self._base = self.full
         self._points = [self.full] * self.L  # the model's own operating point per layer (its allocation)
         self._cut = False  # this token's plan runs below the model's points
-        self._increments: dict[int, Increments] = {}  # per base K
+        self._end = 0.0  # when this token's plan ends (since its start)
+        self._costs: dict[tuple, list[float]] = {}  # per-layer points -> suffix sums of their seconds
         self.reset_stats()
-
-    @staticmethod
-    def _suffix(row: list[int]) -> list[int]:
-        out = [0] * (len(row) + 1)
-        for i in range(len(row) - 1, -1, -1):
-            out[i] = out[i + 1] + row[i]
-        return out
 
     # -- the cost model -----------------------------------------------------------------
     @property
@@ -171,46 +164,55 @@ class TokenPlanner:
         return min(self._base, max(1, math.ceil(self.min_share * self._base)))
 
     def _plan(self, layer: int, elapsed: float) -> None:
-        """Operating points for ``layer`` and every later one, from the time left: the model's
-        own where they fit, else its increments (see allocation.Increments) from the floor up,
-        most loss removed per second first, as far as the time left allows."""
-        L, b, c, a = self.L, self.unit_s, self.select_s, self.layer_fixed_s
+        """Operating points for ``layer`` and every later one, from the time left: the largest
+        operating point K whose own per-layer points (the model's allocation of K, or K in
+        every layer) fit, then the first layers at K+1's points as far as the time left allows."""
+        L, a = self.L, self.layer_fixed_s
         left = self.budget_s - self.slack_s - elapsed - a * (L - layer) - self.head_s
-        u, sel, ks, points = self._u, self._sel, self._k, self._points
-        own = sum(b * u[points[j]][j] + c * sel[points[j]][j] for j in range(layer, L))
-        if own <= left:
-            ks[layer:] = points[layer:]
-            self._cut = False
-        else:
-            inc = self._steps()
-            plan, _ = inc.plan(layer, left - inc.base_cost[layer])
-            ks[layer:] = plan[layer:]
-            self._cut = True
+        k, lowest = self._base, self.floor()
+        pts, cost = self._chain(k)
+        while k > lowest and cost[layer] > left:
+            k -= 1
+            pts, cost = self._chain(k)
+        ks = self._k
+        ks[layer:] = pts[layer:]
+        self._cut = k < self._base
+        if self._cut:
+            # The first layers at K+1's points as far as the time left allows: between two
+            # fixed operating points, where a fixed K must round down.
+            spare = left - cost[layer]
+            up, step = self._chain(k + 1)[0], self._layer_s
+            for j in range(layer, L):
+                more = step(up[j], j) - step(pts[j], j)
+                if more > spare:
+                    break
+                ks[j], spare = up[j], spare - more
         margin = SCHEDULE_MARGIN * self.budget_s
-        t, due = elapsed, self._due
+        t, due, step = elapsed, self._due, self._layer_s
         for j in range(layer, L):
             due[j] = t + margin
-            t += a + b * u[ks[j]][j] + c * sel[ks[j]][j]
+            t += a + step(ks[j], j)
+        self._end = max(t + self.head_s, self.budget_s - self.slack_s)
 
-    def _steps(self) -> Increments:
-        """The increments of the current base operating point (made once per base K)."""
-        base = self._base
-        if base not in self._increments:
-            alloc = self.model.allocation
-            measured = alloc is not None and alloc.measured
-            lo = [self.floor()] * self.L
-            hi = [self.full if measured else base] * self.L
-            b, c = self.unit_s, self.select_s
-            cost = [[b * self._u[k][j] + c * self._sel[k][j] for j in range(self.L)] for k in range(self.full + 1)]
-            if measured:
-                values = alloc.values
-            else:
-                # No measured loss: a layer's loss taken as the square of its units missing,
-                # so the steps go one K at a time across the layers (a fractional uniform K).
-                values = [[float(self._u[base][j] - self._u[min(k, base)][j]) ** 2 for k in range(self.full + 1)]
-                          for j in range(self.L)]
-            self._increments[base] = Increments(cost, values, lo, hi, self._u)
-        return self._increments[base]
+    def _layer_s(self, k: int, layer: int) -> float:
+        """Predicted seconds of ``layer``'s sub-experts and selection at operating point ``k``."""
+        return self.unit_s * self._u[k][layer] + self.select_s * self._sel[k][layer]
+
+    def _chain(self, k: int) -> tuple[list[int], list[float]]:
+        """Operating point ``k``'s per-layer points (at the token's own K: the model's
+        layer_points) and the suffix sums of their predicted seconds, length L + 1."""
+        pts = self._points if k == self._base else self._alloc_points(k)
+        key = tuple(pts)
+        if key not in self._costs:
+            out = [0.0] * (self.L + 1)
+            for j in range(self.L - 1, -1, -1):
+                out[j] = out[j + 1] + self._layer_s(pts[j], j)
+            self._costs[key] = out
+        return pts, self._costs[key]
+
+    def _alloc_points(self, k: int) -> list[int]:
+        alloc = self.model.allocation
+        return [k] * self.L if alloc is None else alloc.points(k)
 
     def end_token(self) -> None:
         """The token's logits are computed: its time is learnt, and the slack follows
@@ -226,7 +228,10 @@ class TokenPlanner:
         self.dropped += sum(u[base][j] for j in range(self.L)) - units
         self._k_sum += statistics.fmean(ks)
         over = self._over
-        over.append(took - self.budget_s + self.slack_s)  # past the deadline planned for
+        # Past the deadline planned for, or past the end the plan predicted where even the
+        # floor does not fit the deadline: counted from the deadline, every such token raised
+        # the slack (up to half the budget) and held the next tokens at the floor.
+        over.append(took - self._end)
         if len(over) >= 4:
             mid = statistics.median(over)
             spread = 1.4826 * statistics.median(abs(e - mid) for e in over)  # a robust sigma

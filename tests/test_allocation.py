@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from edge_prism.allocation import Increments, LayerAllocation, _hull
+from edge_prism.allocation import LayerAllocation
 from edge_prism.errors import PrismCheckpointError
 from edge_prism.refactor.sensitivity import _curve, grid, windows
 from edge_prism.spec import FFNSpec, ModelSpec
@@ -69,51 +69,6 @@ def test_bad_sensitivity_is_a_clear_error():
         LayerAllocation(_spec(2), [4] * 2, [[1.0, 0.5, 0.1, 0.0], [1.0, float("nan"), 0.1, 0.0]])
     with pytest.raises(PrismCheckpointError, match="must list 2 layers"):
         LayerAllocation(_spec(2), [4] * 2, [[1.0, 0.5, 0.1, 0.0]])
-
-
-def test_hull_drops_dominated_and_concave_points():
-    # K=3 costs more than K=4 (a selection full K does not run): dominated.
-    pts = [(1.0, 4.0, 1), (2.0, 3.5, 2), (3.5, 0.5, 3), (3.0, 0.0, 4)]
-    assert [p[2] for p in _hull(pts)] == [1, 4]
-    pts = [(1.0, 4.0, 1), (2.0, 1.0, 2), (3.0, 0.4, 3), (4.0, 0.0, 4)]
-    assert [p[2] for p in _hull(pts)] == [1, 2, 3, 4]
-    pts = [(1.0, 4.0, 1), (2.0, 3.9, 2), (3.0, 0.4, 3), (4.0, 0.0, 4)]  # K=2 above the chord 1 -> 3
-    assert [p[2] for p in _hull(pts)] == [1, 3, 4]
-
-
-def _increments(values, lo, hi, L=3, full=4):
-    units = [[0] * L] + [[k] * L for k in range(1, full + 1)]
-    cost = [[float(k)] * L for k in range(full + 1)]
-    return Increments(cost, values, lo, hi, units)
-
-
-def test_increments_spend_on_the_most_loss_per_second_first():
-    vals = [[0.0] + list(r) + [0.0] for r in ([10.0, 6.0, 3.0], [1.0, 0.5, 0.2], [1.0, 0.5, 0.2])]
-    inc = _increments(vals, [1] * 3, [4] * 3)
-    plan, spent = inc.plan(0, 0.0)
-    assert plan == [1, 1, 1] and spent == 0.0
-    plan, spent = inc.plan(0, 3.0)
-    assert plan == [4, 1, 1] and spent == 3.0  # every second on the sensitive layer
-    plan, _ = inc.plan(0, 100.0)
-    assert plan == [4, 4, 4]
-    plan, _ = inc.plan(1, 3.0)  # from layer 1 on: layer 0 is already done
-    assert plan[1:] == [3, 2]  # equal steps: the earlier layer first
-    # more time never lowers a layer
-    last = None
-    for spare in [x / 4 for x in range(0, 40)]:
-        plan, spent = inc.plan(0, spare)
-        assert spent <= spare + 1e-12
-        if last is not None:
-            assert all(a >= b for a, b in zip(plan, last))
-        last = plan
-
-
-def test_increments_without_losses_step_evenly():
-    # Squared units missing (token_planner's stand-in): one K at a time across the layers.
-    vals = [[float(4 - k) ** 2 for k in range(5)] for _ in range(3)]
-    inc = _increments(vals, [1] * 3, [4] * 3)
-    assert inc.plan(0, 2.0)[0] == [2, 2, 1]
-    assert inc.plan(0, 4.0)[0] == [3, 2, 2]
 
 
 def test_curve_is_monotone_and_zero_at_full():

@@ -169,3 +169,48 @@ def test_start_up_measures_what_selecting_costs_and_gives_the_model_back(prism_o
 def test_without_a_measured_selection_cost_the_planner_times_the_selector(olmoe_engine):
     planner = TokenPlanner(olmoe_engine.model, _cost(select_s=None), budget_s=10 * MS)
     assert planner.select_s >= 0 and planner.model.planner is None
+
+
+def test_a_token_the_floor_cannot_fit_does_not_raise_the_slack(olmoe_engine, monkeypatch):
+    # Counted from the deadline, each such token's overrun raised the slack until it stopped
+    # at half the budget, and the tokens after it stayed at the floor.
+    model = olmoe_engine.model
+    planner = TokenPlanner(model, _cost(), budget_s=1 * MS)  # below even the floor's time
+    clock = [0.0]
+    monkeypatch.setattr(tp.time, "perf_counter", lambda: clock[0])
+    for _ in range(12):
+        planner.start_token()
+        planner.operating_point(0)
+        assert planner._k == [planner.floor()] * planner.L
+        clock[0] += planner._end + 0.05 * MS  # the floor's predicted time, and a little more
+        planner.end_token()
+    assert planner.slack_s < 0.1 * MS
+
+
+def test_a_cut_token_runs_the_allocations_of_two_adjacent_points(olmoe_engine):
+    from edge_prism.allocation import LayerAllocation
+
+    model = olmoe_engine.model
+    full, L = max(model.parts[0] * model.spec.ffn[0].top_k, 1), model.spec.num_layers
+    # layer 0 loses ten times what the others do at every K
+    rows = [[10.0 ** (j == 0) * (full - k) / full for k in range(1, full + 1)] for j in range(L)]
+    alloc = LayerAllocation(model.spec, model.parts, rows)
+    model.set_allocation(alloc)
+    try:
+        engine_k = model.operating_point
+        budgets = [_plan_time(TokenPlanner(model, _cost(), budget_s=1.0), alloc.points(k)) for k in (6, 9)]
+        for budget in budgets + [sum(budgets) / 2]:
+            planner = TokenPlanner(model, _cost(), budget_s=budget)
+            planner.slack_s = 0.0
+            planner.start_token()
+            planner._plan(0, 0.0)
+            ks = list(planner._k)
+            k = next(k for k in range(planner._base, planner.floor() - 1, -1)
+                     if _plan_time(planner, alloc.points(k)) <= budget + 1e-12)
+            lo, hi = alloc.points(k), alloc.points(k + 1)
+            assert all(x in (a, b) for x, a, b in zip(ks, lo, hi)), (ks, lo, hi)
+            assert _plan_time(planner, ks) <= budget + 1e-12, (ks, k, lo, hi, planner._base, planner.floor())
+        assert alloc.points(6) != [6] * L  # the allocation moved units to layer 0
+    finally:
+        model.set_allocation(None)
+        assert model.operating_point == engine_k
