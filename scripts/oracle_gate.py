@@ -4,8 +4,9 @@ Per held-out domain, the perplexity ratio to full K at a few operating points K,
 prism's own sub-expert gate and with an oracle that scores each group by the output mass it
 actually carries for the token (sum over its neurons of |silu(x W_gate) * (x W_up)| times the
 norm of the neuron's down column: the quantity the gates are fitted to predict), with the
-layers allocated (the default) and uniform. The oracle computes every neuron, so it is a
-bound for this partition, not a runtime option.
+layers allocated (the default) and uniform. The oracle computes every neuron: it shows what
+a perfect predictor of the gates' target would give with this partition (not a strict bound
+on any selection), and is not a runtime option.
 
     python scripts/oracle_gate.py [--prism P] [--points 14,12,10] [--max-tokens 1024]
 
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
     lines = [f"# Sub-expert gate against an oracle: {Path(path).name}", "",
              "Perplexity of the first {0} tokens of each held-out domain at K, as a ratio to full K. *gate*: the "
              "prism's own gate; *oracle*: each group scored by the output mass it carries for the token (every "
-             "neuron computed: a bound for this partition, not a runtime option). *allocated*: K's sub-experts "
+             "neuron computed: what a perfect predictor of the gates' target gives with this partition; not a runtime option). *allocated*: K's sub-experts "
              "spread across layers by the measured layer sensitivity; *uniform*: every layer at K.".format(args.max_tokens),
              "", f"Command: `python scripts/oracle_gate.py {' '.join(argv or [])}`. Machine: {platform.processor() or platform.machine()}, "
              f"{args.threads} threads, torch {torch.__version__}; {res['seconds']:.0f} s.", "",
