@@ -9,8 +9,8 @@ SubExpertSelector for K, cached per K), and the planner only chooses K:
 per decode token: start_token() -> layer 0: the largest K whose predicted time fits the
 budget less the slack, every layer at K's own point (the model's allocation of K across the
 layers, allocation.LayerAllocation, or K everywhere), then the first layers at K+1's points as
-far as the time left allows (a fractional operating point) -> each later layer: one clock read against the
-schedule; a layer that starts off it by more than SCHEDULE_MARGIN of the budget plans the
+far as the time left allows (a fractional operating point) -> each later layer: one clock
+read against the schedule; a layer that starts off it by more than SCHEDULE_MARGIN of the budget plans the
 rest of the token again from the time left -> end_token() learns the token's time.
 
 Its cost model is per token: fixed + per unit x units computed + per selecting layer x
@@ -42,8 +42,8 @@ from .planner import MISS_RATE, SCHEDULE_MARGIN, CostModel, transfer_lanes
 
 FIXED_GAIN = 0.1  # weight of one token in the running mean of the fixed term
 # The slack: how far the last SLACK_WINDOW tokens ran past the deadline they planned for
-# (budget - slack; or the end the plan predicted, where the floor ends after it), median + SLACK_SIGMAS robust sigmas (median absolute deviation): ~98%
-# of a normal spread, for MISS_RATE's 95% with room for the caller's own overhead around
+# (budget - slack; or the end the plan predicted, where the floor ends after it), median +
+# SLACK_SIGMAS robust sigmas (median absolute deviation): ~98% of a normal spread, for MISS_RATE's 95% with room for the caller's own overhead around
 # the forward (0.1 ms of Python on the default model) that the planner cannot see. Robust,
 # because one stall (the first decode token: +5 ms) set a quantile's slack for twenty
 # tokens. LatencyPlanner's tracker (2% of the budget up per missed token, down a
@@ -51,8 +51,6 @@ FIXED_GAIN = 0.1  # weight of one token in the running mean of the fixed term
 # within +-0.3 ms of their plan (the default model at a 25% budget): 10-20% missed.
 SLACK_WINDOW = 32
 SLACK_SIGMAS = 3.0
-
-
 
 
 class TokenPlanner:

@@ -224,6 +224,7 @@ def main(argv=None) -> int:
         tmp = stem.with_name(stem.name + suffix + ".tmp")
         tmp.write_text(text + ("\n" if suffix == ".json" else ""))
         os.replace(tmp, stem.with_name(stem.name + suffix))
+    stem.with_name(stem.name + ".partial.json").unlink(missing_ok=True)  # the results so far: superseded
     print(markdown(res))
     return 0
 

@@ -59,7 +59,6 @@ def measure(model, ids: torch.Tensor, *, progress: bool = False) -> dict:
     ks = grid(full)
     start = time.perf_counter()
     wins = windows(ids, spec.max_position)
-    model.set_operating_point(full)
     layers = [j for j in range(L) if alloc.varies[j]]
     measured: dict[int, dict[int, float]] = {j: {} for j in layers}
     bar = tqdm(total=len(layers) * len(ks), desc="layer sensitivity", unit="pt", disable=not progress, leave=False)
@@ -68,13 +67,14 @@ def measure(model, ids: torch.Tensor, *, progress: bool = False) -> dict:
             model.set_operating_point(full)
             logits, inputs = model.prefill_inputs(w)  # the cache keeps this window's keys for the layers before j
             ref = F.log_softmax(logits, dim=-1)
+            p_ref = ref.exp()
             for j in layers:
                 for k in ks:
                     points = [full] * L
                     points[j] = k
                     model.set_layer_points(points)
                     lp = F.log_softmax(model.logits_from(j, inputs[j]), dim=-1)
-                    kl = float((ref.exp() * (ref - lp)).sum(-1).mean())
+                    kl = float((p_ref * (ref - lp)).sum(-1).mean())
                     measured[j][k] = measured[j].get(k, 0.0) + max(kl, 0.0) / len(wins)
                     bar.update(1 / len(wins))
     finally:
