@@ -49,6 +49,9 @@ class RuntimeConfig:
     # Spread the operating point's sub-experts across layers by the checkpoint's measured layer
     # sensitivity (allocation.LayerAllocation), where it has one; False: every layer at K.
     layer_allocation: bool = True
+    # Below full K, add back each dropped sub-expert's mean output (refactor.gates.compensation),
+    # where the checkpoint has the tables; False: dropped sub-experts contribute nothing.
+    compensation: bool = True
 
     def __post_init__(self) -> None:
         from numbers import Integral
@@ -190,6 +193,7 @@ def _build_prism(path: Path, cfg: RuntimeConfig, *, dtype: torch.dtype, device: 
     model = Transformer(spec, weights, store, parts=parts, kernels=kernels, dtype=dtype, device=device,
                         gates=gates)
     model.set_allocation(allocation)
+    model.set_compensation(_compensation_tables(pc, spec) if cfg.compensation else None)
     model.set_operating_point(k)
     if prefetch_applies(cfg, device) and store.streams:  # only a store that streams can prefetch
         model.set_prefetcher(_prefetcher(pc, model))
@@ -551,6 +555,16 @@ def _planner(model: Transformer, cfg: RuntimeConfig, *, device: torch.device, dt
     if cfg.token_latency_ms <= 0:
         raise ConfigError(f"invalid token latency budget {cfg.token_latency_ms} ms: use a positive number")
     return planner_for(model, budget_s=cfg.token_latency_ms / 1000, device=device, dtype=dtype)
+
+
+def _compensation_tables(pc, spec: ModelSpec) -> list[torch.Tensor | None] | None:
+    """Each layer's compensation table [U, D] (float32, CPU), or None for a checkpoint
+    refactored before they were stored."""
+    names = set(pc.gates.names())
+    wanted = [f"layers.{layer}.compensation" for layer in range(spec.num_layers)]
+    if not any(n in names for n in wanted):
+        return None
+    return [pc.gate_tensor(n) if n in names else None for n in wanted]
 
 
 def _layer_gate(pc, layer: int, kind: str, dtype: torch.dtype, device: torch.device):

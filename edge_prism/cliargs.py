@@ -111,6 +111,9 @@ def add_runtime_args(p: argparse.ArgumentParser, *, operating_point: bool = True
     p.add_argument("--uniform-layers", dest="layer_allocation", action="store_false", default=True,
                    help="run every layer at the operating point (default: spread its sub-experts across "
                         "layers by the checkpoint's measured layer sensitivity, where it has one)")
+    p.add_argument("--no-compensation", dest="compensation", action="store_false", default=True,
+                   help="below full K, let dropped sub-experts contribute nothing (default: add back each "
+                        "one's mean output on the calibration text, where the checkpoint stores it)")
 
 
 def runtime_config(args: argparse.Namespace, **override):
@@ -126,7 +129,8 @@ def runtime_config(args: argparse.Namespace, **override):
                   token_latency_ms=getattr(args, "token_latency_ms", None),
                   host_tier=getattr(args, "host_tier", "auto"),
                   max_context=getattr(args, "max_context", None),
-                  layer_allocation=getattr(args, "layer_allocation", True))
+                  layer_allocation=getattr(args, "layer_allocation", True),
+                  compensation=getattr(args, "compensation", True))
     fields.update(override)
     return RuntimeConfig(**fields)
 

@@ -304,6 +304,22 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, sc: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def _compensation(comp: tuple[torch.Tensor, torch.Tensor], topv: torch.Tensor, topi: torch.Tensor,
+                  kept: list[tuple[torch.Tensor, torch.Tensor | None]], x: torch.Tensor) -> torch.Tensor:
+    """The dropped sub-experts' mean outputs [T, D]: each routed expert's whole table weighted
+    by its router weight, less the rows of the units that ran, by their weights ``kept``
+    (units [P] and weights [P, T]; weight 0 is a unit that was not computed)."""
+    table, totals = comp  # [U, D], [E, D]
+    out = torch.einsum("tk,tkd->td", topv.to(table.dtype), totals[topi])  # [T, D]
+    for units, wt in kept:
+        if units.numel() == 0:
+            continue
+        rows = table[units.to(table.device)]  # [P, D]
+        w = x.new_ones(units.shape[0], x.shape[0]) if wt is None else wt
+        out = out - w.t().to(table.dtype) @ rows  # [T, D]
+    return out.to(x.dtype)
+
+
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.rms_norm(x, weight.shape, weight, eps)  # one fused op (decode runs 61 of them per token)
@@ -422,6 +438,9 @@ class Transformer:
         self.layer_points: list[int] | None = None  # each layer's K outside a planner (None: plain checkpoint)
         self.route_top_k: int | None = None  # baseline curves: route to fewer experts than top_k
         self.gates = gates
+        # Per layer (table [U, D], per-expert totals [E, D]): the mean output of each dropped
+        # sub-expert, added back below full K (refactor.gates.compensation); None: not added.
+        self.compensation: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
         self.ffn_observer = ffn_observer
         self.prefetcher: Prefetcher | None = None  # decode only
         self.planner: Planner | None = None  # decode only: token-latency budget
@@ -451,6 +470,28 @@ class Transformer:
         self.selector = self.selector_at(k)
         self.operating_point = k
         self.layer_points = [k] * self.spec.num_layers if self.allocation is None else self.allocation.points(k)
+
+    def set_compensation(self, tables: list[torch.Tensor | None] | None) -> None:
+        """Add back each dropped sub-expert's mean output (``tables[layer]`` [U, D] by unit id,
+        as refactor.gates.compensation fits it; None: nothing) wherever fewer than all of a
+        token's routed parts run: below full K, or when a latency planner drops some."""
+        if tables is None:
+            self.compensation = None
+            return
+        if len(tables) != self.spec.num_layers:
+            raise ConfigError(f"{len(tables)} compensation tables for {self.spec.num_layers} layers")
+        out = []
+        for layer, t in enumerate(tables):
+            if t is None:
+                out.append(None)
+                continue
+            E, S, D = self.spec.ffn[layer].num_experts, self.parts[layer], self.spec.hidden_size
+            if tuple(t.shape) != (E * S, D):
+                raise ConfigError(f"layer {layer}: compensation table of shape {tuple(t.shape)}, expected "
+                                  f"[{E * S}, {D}]; rebuild the prism checkpoint")
+            t = t.to(device=self.device, dtype=self.dtype)
+            out.append((t, t.view(E, S, D).sum(dim=1)))  # [U, D], [E, D]
+        self.compensation = out
 
     def set_allocation(self, allocation) -> None:
         """Spread the operating point's sub-experts across layers by ``allocation``
@@ -729,11 +770,17 @@ class Transformer:
         planner = self.planner if decode else None
         k = None if planner is None else planner.operating_point(layer)
         units, wt = self.unit_weights(layer, x, topv, topi, k=k)  # [P], [P, T] or None
+        comp = None if self.compensation is None else self.compensation[layer]
+        if comp is not None and (self.selector_for(layer) if k is None else self.selector_at(k)) is None:
+            comp = None  # every routed part selected: nothing to add back (full K stays exact)
         host = None
         if planner is not None and planner.trims:
             if wt is None:
                 wt = x.new_ones(units.shape[0], 1)
+            selected = units.shape[0]
             units, wt, host_units, host_wt = self.planner.plan(layer, x, units, wt, topi)  # [P'], [P', 1]
+            if comp is None and self.compensation is not None and units.shape[0] + host_units.shape[0] < selected:
+                comp = self.compensation[layer]  # the planner dropped some at full K
             if host_units.numel():
                 # x's copy to the host is queued now, ahead of the device kernels, so the host
                 # compute waits for nothing else (see _host_units).
@@ -752,6 +799,9 @@ class Transformer:
             out = torch.zeros_like(x)
         if host is not None:
             out = out + self._host_units(layer, *host, like=x)
+        if comp is not None:
+            kept = [(units, wt)] if host is None else [(units, wt), (host[0], host_wt)]
+            out = out + _compensation(comp, topv, topi, kept, x)
         return out
 
     def unit_step(self, layer: int, tokens: int) -> int:

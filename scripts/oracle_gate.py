@@ -42,7 +42,9 @@ class OracleGate:
         S = U // num_experts
         self.wg = pool[:, 0].reshape(num_experts, S, n, D)
         self.wu = pool[:, 1].reshape(num_experts, S, n, D)
-        self.down = pool[:, 2].reshape(num_experts, S, n, D).norm(dim=-1)  # [E, S, n]
+        # The block's third slot holds its W_down columns as a row-major [D, n] matrix
+        # (build.pack_expert): a neuron's down column is a column of that matrix.
+        self.down = pool[:, 2].reshape(num_experts, S, D, n).norm(dim=-2)  # [E, S, n]
 
     def scores(self, x: torch.Tensor, topi: torch.Tensor) -> torch.Tensor:
         x = x.float()

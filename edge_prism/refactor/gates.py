@@ -9,7 +9,13 @@ Two kinds:
 - ``proxy`` (MoE-Prism's): per group, r representative neurons whose activations track
   the group's mass; the score is their |activation| summed, i.e. a tiny slice of the
   expert itself. Fitted by forward selection on calibration activations.
-- ``linear``: ridge least squares from x to the group masses, in closed form.
+- ``linear``: ridge least squares from x to the group masses (or their logarithms), in
+  closed form.
+
+Alongside the gates, ``compensation`` gives each group the mean output it has on the
+calibration tokens where the default gate drops it at the tuned operating point: the
+runtime adds it back for dropped groups (a constant per group, no compute), so a dropped
+group costs its deviation from that mean rather than its whole output.
 
 Fitting is offline and per expert; scoring at run time is batched over experts.
 """
@@ -29,6 +35,9 @@ from edge_prism.refactor.partition import group_mass
 logger = logging.getLogger(__name__)
 
 GATE_KINDS = ("proxy", "linear")
+GATE_TARGETS = ("mass", "log")
+# The log target's floor, relative to the mean mass: a group that carries nothing is not -inf.
+LOG_FLOOR = 1e-2
 
 
 @dataclass(frozen=True)
@@ -100,12 +109,17 @@ def fit_proxy_gate(
 
 
 def fit_linear_gate(
-    x: Tensor, acts: Tensor, groups: Tensor, num_groups: int, *, ridge: float = 1e-3
+    x: Tensor, acts: Tensor, groups: Tensor, num_groups: int, *, ridge: float = 1e-3, target: str = "mass"
 ) -> LinearGate:
-    """Ridge regression from the layer input ``x`` [T, D] to the group masses [T, N].
+    """Ridge regression from the layer input ``x`` [T, D] to the group masses [T, N]
+    (``target="mass"``) or to log(mass + LOG_FLOOR x its mean) (``"log"``).
 
     Closed form in float64 on centred data (the bias is not penalised). ``ridge`` is
     relative to the mean input variance, so it means the same at any activation scale.
+    Only the order of a token's scores matters to selection. The log target weighs a
+    group's error by its relative size, so the few tokens with very large masses do not
+    dominate the fit: on the default model at K=12 of 16 it lowered held-out perplexity on
+    all four held-out domains (licenses x1.75 -> x1.63, without compensation).
     """
     # T=tokens, D=hidden, N=groups
     _check_groups(acts, groups, num_groups)
@@ -116,8 +130,12 @@ def fit_linear_gate(
         )
     if ridge < 0:
         raise ConfigError(f"ridge={ridge} is negative; pass a small non-negative value such as 1e-3")
+    if target not in GATE_TARGETS:
+        raise ConfigError(f"invalid gate target {target!r}: use one of {', '.join(GATE_TARGETS)}")
     inputs = x.detach().to(torch.float64)  # [T, D]
     mass = group_mass(acts.detach().to(torch.float64).abs(), groups, num_groups)  # [T, N]
+    if target == "log":
+        mass = (mass + LOG_FLOOR * float(mass.mean()) + 1e-30).log()
     x_mean, m_mean = inputs.mean(dim=0), mass.mean(dim=0)  # [D], [N]
     xc, mc = inputs - x_mean, mass - m_mean  # [T, D], [T, N]
     gram = xc.t() @ xc  # [D, D]
@@ -179,6 +197,34 @@ def linear_scores_batched(weight: Tensor, bias: Tensor, x: Tensor, experts: Tens
         every = every.view(x.shape[0], n_experts, num_groups)  # [T, E, N]
         scores = every.gather(1, _expand_index(experts, every.shape))  # [T, k, N]
     return scores + bias[experts]  # [T, k, N]
+
+
+def compensation(acts: Tensor, w_down_t: Tensor, groups: Tensor, num_groups: int, scores: Tensor,
+                 keep: int) -> Tensor:
+    """Each group's mean output [N, D] over the tokens whose ``keep`` best-scored groups
+    leave it out (zero for a group never left out).
+
+    ``acts`` [T, I] are the expert's activations on calibration tokens, ``w_down_t`` [I, D]
+    its W_down^T, ``groups`` [I] the group of each neuron, ``scores`` [T, N] the default
+    gate's. A group's output on a token is acts[:, group] @ w_down_t[group]; the mean over
+    the tokens that drop it is the constant that best stands in for it there (least squares).
+    """
+    _check_groups(acts, groups, num_groups)
+    if scores.shape != (acts.shape[0], num_groups) or not 1 <= keep <= num_groups:
+        raise ConfigError(f"gate scores {tuple(scores.shape)} or keep={keep} do not fit {acts.shape[0]} "
+                          f"tokens of {num_groups} groups; pass [tokens, groups] scores and keep in 1..{num_groups}")
+    dropped = torch.ones_like(scores, dtype=acts.dtype)  # [T, N]
+    dropped.scatter_(1, scores.topk(keep, dim=1).indices, 0.0)
+    counts = dropped.sum(dim=0)  # [N]
+    out = torch.zeros(num_groups, w_down_t.shape[1], dtype=torch.float64)  # [N, D]
+    for g in range(num_groups):
+        if counts[g] == 0:
+            continue
+        members = (groups == g).nonzero().squeeze(1)  # [S]
+        # sum over dropping tokens of act @ W_down^T, as (dropped^T act) @ W_down^T: one [S] x [S, D]
+        weighted = dropped[:, g].double() @ acts[:, members].double()  # [S]
+        out[g] = weighted @ w_down_t[members].double() / counts[g].double()
+    return out.to(torch.float32)
 
 
 def gate_quality(scores: Tensor, true_mass: Tensor, keep: int) -> float:

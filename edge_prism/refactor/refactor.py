@@ -79,6 +79,7 @@ class RefactorConfig:
     rows_per_expert: int = 4096
     gate_neurons: int = 4
     gate_ridge: float = 1e-3  # linear gate's ridge penalty, relative to the mean input variance
+    gate_target: str = "log"  # what the linear gate predicts: "mass" or "log" mass (gates.fit_linear_gate)
     # What a neuron's share of a token is measured in, for the partition, the gates and the hottest-first
     # order: "activation" |act_i| (MoE-Prism), or "output" |act_i| * ||W_down[:, i]|| (its output's size).
     mass: str = "output"
@@ -106,6 +107,9 @@ class RefactorConfig:
             raise ConfigError(f"invalid sub_experts {self.sub_experts}: use 1 or more")
         if self.mass not in MASS_KINDS:
             raise ConfigError(f"invalid mass '{self.mass}': use one of {', '.join(MASS_KINDS)}")
+        if self.gate_target not in gatelib.GATE_TARGETS:
+            raise ConfigError(f"invalid gate target '{self.gate_target}': use one of "
+                              f"{', '.join(gatelib.GATE_TARGETS)}")
         if self.default_gate not in gatelib.GATE_KINDS:
             raise ConfigError(f"invalid gate '{self.default_gate}': use one of {', '.join(gatelib.GATE_KINDS)}")
         if self.quant not in ("auto",) + QUANT_KINDS:
@@ -409,7 +413,7 @@ def _expert_entries(spec: ModelSpec, parts: list[int], formats: list, store_dtyp
     return out
 
 
-_LAYER_GATES = ("perm", "frequency", "proxy.rows", "linear.weight", "linear.bias")
+_LAYER_GATES = ("perm", "frequency", "proxy.rows", "linear.weight", "linear.bias", "compensation")
 
 
 def _gate_entries(spec: ModelSpec, parts: list[int], cfg: RefactorConfig) -> list:
@@ -420,7 +424,8 @@ def _gate_entries(spec: ModelSpec, parts: list[int], cfg: RefactorConfig) -> lis
         E, name = f.num_experts, f"layers.{layer}."
         out += [(name + "perm", torch.int64, (E, f.width)), (name + "frequency", torch.float32, (E * S,)),
                 (name + "proxy.rows", torch.float32, (E, S, cfg.gate_neurons, 2, D)),
-                (name + "linear.weight", torch.float32, (E, D, S)), (name + "linear.bias", torch.float32, (E, S))]
+                (name + "linear.weight", torch.float32, (E, D, S)), (name + "linear.bias", torch.float32, (E, S)),
+                (name + "compensation", torch.float32, (E * S, D))]
     L = spec.num_layers
     for layer, d in sorted((layer, d) for layer in range(L) for d in (1, 2) if layer + d < L):
         out += [(f"layers.{layer}.predict.{d}.{k}", torch.float32, (D,)) for k in ("scale", "bias")]
@@ -578,6 +583,7 @@ def _refactor_layer(spec: ModelSpec, reader: TensorReader, qreader: TensorReader
     perms = torch.empty(f.num_experts, f.width, dtype=torch.int64)
     proxy_rows = []
     lin_w, lin_b = [], []
+    comp = torch.zeros(f.num_experts * parts, D)  # [E*S, D] by unit id (expert * S + part)
     obj = {"contiguous": 0.0, cfg.solver: 0.0}
     total = max(col.tokens, 1)
     for e in range(f.num_experts):
@@ -587,12 +593,12 @@ def _refactor_layer(spec: ModelSpec, reader: TensorReader, qreader: TensorReader
         if x.shape[0] == 0:
             # Never routed on calibration text: keep the checkpoint order, no statistics.
             groups = torch.arange(f.width) // n
-            acts = torch.zeros(1, f.width)
+            acts = signed = torch.zeros(1, f.width)
             x = torch.zeros(1, D)
         else:
-            acts = F.silu(x @ wg.t()) * (x @ wu.t())  # [R, W]
+            acts = signed = F.silu(x @ wg.t()) * (x @ wu.t())  # [R, W]
             if cfg.mass == "output":
-                acts = acts * wd.norm(dim=1)  # [R, W]: each neuron's output is act_i * W_down[:, i]
+                acts = signed * wd.norm(dim=1)  # [R, W]: each neuron's output is act_i * W_down[:, i]
             if atom == 1:
                 groups = partition(acts, parts, keep=keep, solver=cfg.solver, seed=seed)
             else:  # whole source groups of W_down: partition their summed masses, then expand
@@ -618,7 +624,7 @@ def _refactor_layer(spec: ModelSpec, reader: TensorReader, qreader: TensorReader
         # up rows carry the W_down norm, so that it scores in the same unit as it was fitted.
         wu_mass = wu * wd.norm(dim=1, keepdim=True) if cfg.mass == "output" else wu
         proxy = gatelib.fit_proxy_gate(acts, wg, wu_mass, groups, parts, neurons_per_group=cfg.gate_neurons)
-        linear = gatelib.fit_linear_gate(x, acts, groups, parts, ridge=cfg.gate_ridge)
+        linear = gatelib.fit_linear_gate(x, acts, groups, parts, ridge=cfg.gate_ridge, target=cfg.gate_target)
         proxy_rows.append(proxy.rows)
         lin_w.append(linear.weight)
         lin_b.append(linear.bias)
@@ -630,6 +636,7 @@ def _refactor_layer(spec: ModelSpec, reader: TensorReader, qreader: TensorReader
             0, scores.topk(keep, dim=1).indices.reshape(-1), torch.ones(scores.shape[0] * keep))
         routed = float(col.counts[layer][e]) / total
         freq[e * parts:(e + 1) * parts] = routed * chosen / max(scores.shape[0], 1)
+        comp[e * parts:(e + 1) * parts] = gatelib.compensation(signed, wd, groups, parts, scores, keep)
     unit_order = torch.argsort(-freq, stable=True)  # storage order: hottest first
     layer_gates = {
         "perm": perms,
@@ -637,5 +644,6 @@ def _refactor_layer(spec: ModelSpec, reader: TensorReader, qreader: TensorReader
         "proxy.rows": torch.stack(proxy_rows).to(torch.float32),
         "linear.weight": torch.stack(lin_w).to(torch.float32),
         "linear.bias": torch.stack(lin_b).to(torch.float32),
+        "compensation": comp,
     }
     return blocks, unit_order, layer_gates, obj
