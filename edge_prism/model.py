@@ -304,20 +304,26 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, sc: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def _compensation(comp: tuple[torch.Tensor, torch.Tensor], topv: torch.Tensor, topi: torch.Tensor,
-                  kept: list[tuple[torch.Tensor, torch.Tensor | None]], x: torch.Tensor) -> torch.Tensor:
-    """The dropped sub-experts' mean outputs [T, D]: each routed expert's whole table weighted
-    by its router weight, less the rows of the units that ran, by their weights ``kept``
-    (units [P] and weights [P, T]; weight 0 is a unit that was not computed)."""
-    table, totals = comp  # [U, D], [E, D]
-    out = torch.einsum("tk,tkd->td", topv.to(table.dtype), totals[topi])  # [T, D]
+def _compensation(comp: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor, topv: torch.Tensor,
+                  topi: torch.Tensor, kept: list[tuple[torch.Tensor, torch.Tensor | None]],
+                  routed: bool) -> torch.Tensor:
+    """``out`` [T, D] plus the dropped sub-experts' mean outputs: each routed expert's whole
+    table weighted by its router weight, less the rows of the units that ran, by their
+    weights ``kept`` (units [P] and weights [P, T]; weight 0 is a unit that was not computed).
+    Few ops, as decode runs it every layer: a dense FFN's router weight is 1, and a list of
+    every unit (a kernel that reads whole experts) needs no gather."""
+    neg, totals = comp  # minus the table [U, D], per-expert totals [E, D]
+    if routed:
+        out = out + torch.einsum("tk,tkd->td", topv.to(totals.dtype), totals[topi])  # [T, D]
+    else:
+        out = out + totals[0]
     for units, wt in kept:
         if units.numel() == 0:
             continue
-        rows = table[units.to(table.device)]  # [P, D]
-        w = x.new_ones(units.shape[0], x.shape[0]) if wt is None else wt
-        out = out - w.t().to(table.dtype) @ rows  # [T, D]
-    return out.to(x.dtype)
+        rows = neg if units.numel() == neg.shape[0] else neg.index_select(0, units.to(neg.device))  # [P, D]
+        w = out.new_ones(units.shape[0], out.shape[0]) if wt is None else wt
+        out = torch.addmm(out, w.t().to(out.dtype), rows)  # [T, D]
+    return out
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -438,7 +444,7 @@ class Transformer:
         self.layer_points: list[int] | None = None  # each layer's K outside a planner (None: plain checkpoint)
         self.route_top_k: int | None = None  # baseline curves: route to fewer experts than top_k
         self.gates = gates
-        # Per layer (table [U, D], per-expert totals [E, D]): the mean output of each dropped
+        # Per layer (minus the table [U, D], per-expert totals [E, D]): the mean output of each dropped
         # sub-expert, added back below full K (refactor.gates.compensation); None: not added.
         self.compensation: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
         self.ffn_observer = ffn_observer
@@ -490,7 +496,7 @@ class Transformer:
                 raise ConfigError(f"layer {layer}: compensation table of shape {tuple(t.shape)}, expected "
                                   f"[{E * S}, {D}]; rebuild the prism checkpoint")
             t = t.to(device=self.device, dtype=self.dtype)
-            out.append((t, t.view(E, S, D).sum(dim=1)))  # [U, D], [E, D]
+            out.append((-t, t.view(E, S, D).sum(dim=1)))  # minus the table [U, D], totals [E, D]
         self.compensation = out
 
     def set_allocation(self, allocation) -> None:
@@ -801,7 +807,7 @@ class Transformer:
             out = out + self._host_units(layer, *host, like=x)
         if comp is not None:
             kept = [(units, wt)] if host is None else [(units, wt), (host[0], host_wt)]
-            out = out + _compensation(comp, topv, topi, kept, x)
+            out = _compensation(comp, out, topv, topi, kept, self.spec.ffn[layer].routed)
         return out
 
     def unit_step(self, layer: int, tokens: int) -> int:

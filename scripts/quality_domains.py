@@ -40,6 +40,7 @@ TARGET_K12, TOLERANCE = 1.5, 1.25
 
 
 LAYERS = ("allocated", "uniform")  # each K spread across layers by the measured sensitivity, or K everywhere
+# Also on request: "nocomp", allocated with dropped sub-experts adding nothing (--no-compensation).
 
 
 def eval_cli(prism: Path, text: Path, max_tokens: int, layers: str = "allocated") -> tuple[list[str], list[dict]]:
@@ -48,6 +49,8 @@ def eval_cli(prism: Path, text: Path, max_tokens: int, layers: str = "allocated"
             "--no-baseline", "--max-tokens", str(max_tokens), "--device", "cpu"]
     if layers == "uniform":
         args.append("--uniform-layers")
+    if layers == "nocomp":
+        args.append("--no-compensation")
     run = subprocess.run([sys.executable, "-c", "import sys; from edge_prism.cli import main; sys.exit(main())",
                           *args], capture_output=True, text=True, check=False)
     if run.returncode:
@@ -147,7 +150,9 @@ def markdown(res: dict) -> str:
                                   for n, r in runs.items()), "",
              "Layers: *allocated* spreads each K's sub-experts across layers by the layer sensitivity the "
              "refactoring measured on its calibration text (edge_prism/allocation.py; same sub-experts per "
-             "token as K in every layer); *uniform* runs every layer at K (`--uniform-layers`).", "",
+             "token as K in every layer); *uniform* runs every layer at K (`--uniform-layers`); *nocomp* is "
+             "allocated with dropped sub-experts adding nothing (`--no-compensation`; the others add back each "
+             "dropped sub-expert's mean output on the calibration text).", "",
              f"## Summary at K={k34} (target: at most {TARGET_K12}x on every domain) and usable points "
              "(target: at least 5)", "",
              "| run | " + " | ".join(domains) + " | usable points (fewest over domains) |",
@@ -191,7 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--calibrations", default=",".join(CALIBRATIONS), help="comma-separated, of old,new")
     p.add_argument("--cache", default=None, help="reuse the generated text cached in this directory")
-    p.add_argument("--layers", default=",".join(LAYERS), help="comma-separated, of allocated,uniform")
+    p.add_argument("--layers", default=",".join(LAYERS), help="comma-separated, of allocated,uniform,nocomp")
     p.add_argument("--prism", default=None,
                    help="evaluate this prism checkpoint (built with the new calibration's defaults) instead of "
                         "refactoring; with one solver, the one it was built with")

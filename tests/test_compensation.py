@@ -76,7 +76,7 @@ def test_the_ffn_adds_back_exactly_the_dropped_parts_tables(prism_of, family):
                 assert torch.equal(with_comp, without), (k, layer)
                 continue
             w = selector(layer, x, topv, topi)  # [T, k, S]: router weight where selected, 0 elsewhere
-            table = tables[layer][0]
+            table = -tables[layer][0]
             units = topi[:, :, None] * S + torch.arange(S)  # [T, k, S]
             dropped = topv[:, :, None] * (w == 0)  # [T, k, S]
             want = without + torch.einsum("tks,tksd->td", dropped, table[units])
