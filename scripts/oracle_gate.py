@@ -106,7 +106,9 @@ def main(argv=None) -> int:
              "Perplexity of the first {0} tokens of each held-out domain at K, as a ratio to full K. *gate*: the "
              "prism's own gate; *oracle*: each group scored by the output mass it carries for the token (every "
              "neuron computed: what a perfect predictor of the gates' target gives with this partition; not a runtime option). *allocated*: K's sub-experts "
-             "spread across layers by the measured layer sensitivity; *uniform*: every layer at K.".format(args.max_tokens),
+             "spread across layers by the measured layer sensitivity; *uniform*: every layer at K. Where the prism "
+             "stores them, every run adds back the dropped sub-experts' mean outputs (compensation, fitted on the "
+             "default gate's drops).".format(args.max_tokens),
              "", f"Command: `python scripts/oracle_gate.py {' '.join(argv or [])}`. Machine: {platform.processor() or platform.machine()}, "
              f"{args.threads} threads, torch {torch.__version__}; {res['seconds']:.0f} s.", "",
              "| run | " + " | ".join(f"{d} K={k}" for d in domains for k in points) + " |",
