@@ -777,7 +777,8 @@ class Transformer:
         k = None if planner is None else planner.operating_point(layer)
         units, wt = self.unit_weights(layer, x, topv, topi, k=k)  # [P], [P, T] or None
         comp = None if self.compensation is None else self.compensation[layer]
-        if comp is not None and (self.selector_for(layer) if k is None else self.selector_at(k)) is None:
+        selector = self.selector_for(layer) if k is None else self.selector_at(k)
+        if comp is not None and (selector is None or selector.quota(layer) is None):
             comp = None  # every routed part selected: nothing to add back (full K stays exact)
         host = None
         if planner is not None and planner.trims:
