@@ -272,7 +272,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     add_model_args(ref, positional=True)
     ref.add_argument("-o", "--out", required=True, help="output prism checkpoint directory")
     ref.add_argument("--sub-experts", type=int, default=None,
-                     help="sub-experts per expert (default: 16 per dense FFN, 8 per routed expert)")
+                     help="sub-experts per expert (default: 8 per routed expert; 24 per dense FFN "
+                          "whose width is a multiple of 768, else 16)")
     ref.add_argument("--calib-file", action="append", default=[],
                      help="calibration text file (repeatable; default: text the model writes itself from "
                           "fixed prompts, cached per model, plus Python stdlib docstrings)")

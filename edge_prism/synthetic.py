@@ -32,6 +32,7 @@ from edge_prism.families import build_spec
 from edge_prism.kernels import FloatEmbedding, FloatLinear, FloatUnits
 from edge_prism.model import LayerWeights, Transformer, Weights, tied_head, transposed
 from edge_prism.prefetch import Predictor, Prefetcher
+from edge_prism.refactor.partition import default_sub_experts
 from edge_prism.runtime.device import pinned_empty, resolve_device
 from edge_prism.runtime.sizes import format_size
 from edge_prism.runtime.store import BudgetedStore, LayerBlocks, minimum_budget
@@ -67,7 +68,7 @@ class SyntheticConfig:
 
     model: str  # a PRESETS key or a path to a Hugging Face config.json
     layers: int | None = None  # None: the config's layer count; fewer runs the real shapes on less memory
-    sub_experts: int | None = None  # None: 8 per routed expert, 16 per dense FFN
+    sub_experts: int | None = None  # None: partition.default_sub_experts (8 per routed expert, 24 or 16 per dense FFN)
     skew: float = 0.0  # 0: uniform routing; larger: Zipf-like concentration on few experts
     seed: int = 0
     dtype: str | None = None  # None: float32 on CPU, bfloat16/float16 on CUDA
@@ -116,7 +117,7 @@ def synthetic_parts(spec: ModelSpec, sub_experts: int | None) -> list[int]:
     """Sub-experts per expert of every layer, each a whole number of neurons."""
     out = []
     for layer, f in enumerate(spec.ffn):
-        s = sub_experts or (8 if f.routed else 16)
+        s = sub_experts or default_sub_experts(f.width, f.routed)
         if f.width % s:
             raise ConfigError(f"invalid --sub-experts {s}: layer {layer}'s experts have {f.width} neurons, "
                               f"which do not split into {s} equal groups; choose a divisor of {f.width}")

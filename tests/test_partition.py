@@ -320,3 +320,17 @@ def test_realistic_expert_size_partitions_well() -> None:
     assert_balanced(annealed, 1536, 16)
     assert objective(acts, annealed) <= objective(acts, greedy)
     assert objective(acts, greedy) < 0.6 * objective(acts, partition(acts, 16, keep=12, solver="contiguous"))
+
+
+def test_default_sub_experts_rule():
+    """24 parts of whole 32-neuron groups where a dense width allows it, else 16; routed 8."""
+    from edge_prism.refactor.partition import DEFAULT_SUB_EXPERTS_RULE, default_sub_experts
+    from edge_prism.refactor.refactor import RefactorConfig, config_record
+
+    assert default_sub_experts(1536, routed=False) == 24  # the default model: parts of 64 neurons
+    assert default_sub_experts(6144, routed=False) == 24
+    assert default_sub_experts(8192, routed=False) == 16  # 8192 / 24 is not a whole number
+    assert default_sub_experts(128, routed=False) == 16
+    assert default_sub_experts(1536, routed=True) == 8
+    # The rule is part of the record a cached prism is checked against, so a change rebuilds it.
+    assert config_record(RefactorConfig())["default_sub_experts"] == DEFAULT_SUB_EXPERTS_RULE

@@ -31,7 +31,8 @@ from edge_prism.loaders import open_checkpoint, resolve_model
 from edge_prism.refactor import gates as gatelib
 from edge_prism.refactor.corpus import stdlib_text
 from edge_prism.refactor.selfgen import GenerationRecipe, generated_text
-from edge_prism.refactor.partition import (SOLVERS, group_size_ok, partition, partition_objective,
+from edge_prism.refactor.partition import (DEFAULT_SUB_EXPERTS_RULE, SOLVERS, default_sub_experts, group_size_ok,
+                                           partition, partition_objective,
                                            permutation_from_groups)
 from edge_prism.refactor.stream import calibrate_layers, read_source
 from edge_prism.refactor.prism import (StreamedSafetensors, qmatrix_tensors, streamed_experts_path, check_out_dir, estimate_prism_bytes, file_stats, hash_files, is_prism,
@@ -68,7 +69,7 @@ MASS_KINDS = ("activation", "output")
 class RefactorConfig:
     """Knobs of one refactoring run."""
 
-    sub_experts: int | None = None  # None: 16 per dense FFN, 8 per routed expert
+    sub_experts: int | None = None  # None: partition.default_sub_experts (24 or 16 per dense FFN, 8 per routed expert)
     calib_files: tuple[Path, ...] = ()  # empty: generated text + the stdlib's docstrings (calib split)
     calib_tokens: int = 8192
     # Without calib_files, this share of calib_tokens is text the model writes itself from fixed
@@ -135,7 +136,7 @@ def parts_for(spec: ModelSpec, requested: int | None) -> list[int]:
     """Sub-experts per expert for every layer, checked against each layer's width."""
     out = []
     for layer, f in enumerate(spec.ffn):
-        n = requested or (8 if f.routed else 16)
+        n = requested or default_sub_experts(f.width, f.routed)
         if not group_size_ok(f.width, n):
             raise ConfigError(f"invalid --sub-experts {n}: layer {layer}'s experts have {f.width} "
                               f"neurons, which do not split into {n} equal groups; choose a divisor "
@@ -561,6 +562,7 @@ def config_record(cfg: RefactorConfig) -> dict:
     """The knobs of a run as JSON (a cached checkpoint is rebuilt when its defaults change)."""
     rec = dict(vars(cfg))
     rec["calib_files"] = [str(f) for f in cfg.calib_files]
+    rec["default_sub_experts"] = DEFAULT_SUB_EXPERTS_RULE  # what sub_experts=None meant
     return rec
 
 
