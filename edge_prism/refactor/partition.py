@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from edge_prism.errors import ConfigError
+from edge_prism.quant import DEFAULT_GROUP
 
 logger = logging.getLogger(__name__)
 
@@ -52,23 +53,23 @@ _PATIENCE = 25
 
 
 # Default sub-experts per expert. A dense FFN whose width splits into 24 parts of whole
-# 32-neuron quantization groups gets 24 (a 4-bit source's W_down is re-quantized per
+# DEFAULT_GROUP-neuron (32) quantization groups gets 24 (a 4-bit source's W_down is re-quantized per
 # sub-expert in groups of 32, see refactor --permuted-down); any other dense FFN 16; a routed
 # expert 8. Measured on the default model (width 1536; profiles/quality_subexperts_default.md):
 # 24 parts of 64 neurons against 16 of 96, same calibration, at K = 3/4 of full on the first
 # 3072 held-out tokens: licenses x1.465 vs x1.556, dialogue x1.461 vs x1.420, one or two more
 # usable operating points; 48 parts of 32 gave 7 usable points on licenses but x1.525 at 3/4
 # and a 4x longer refactoring.
-DENSE_SUB_EXPERTS, DENSE_FALLBACK, ROUTED_SUB_EXPERTS, QUANT_GROUP = 24, 16, 8, 32
+DENSE_SUB_EXPERTS, DENSE_FALLBACK, ROUTED_SUB_EXPERTS = 24, 16, 8
 DEFAULT_SUB_EXPERTS_RULE = (f"routed {ROUTED_SUB_EXPERTS}; dense {DENSE_SUB_EXPERTS} where width % "
-                            f"{DENSE_SUB_EXPERTS * QUANT_GROUP} == 0, else {DENSE_FALLBACK}")
+                            f"{DENSE_SUB_EXPERTS * DEFAULT_GROUP} == 0, else {DENSE_FALLBACK}")
 
 
 def default_sub_experts(width: int, routed: bool) -> int:
     """Sub-experts per expert when none are requested (DEFAULT_SUB_EXPERTS_RULE)."""
     if routed:
         return ROUTED_SUB_EXPERTS
-    return DENSE_SUB_EXPERTS if width % (DENSE_SUB_EXPERTS * QUANT_GROUP) == 0 else DENSE_FALLBACK
+    return DENSE_SUB_EXPERTS if width % (DENSE_SUB_EXPERTS * DEFAULT_GROUP) == 0 else DENSE_FALLBACK
 
 
 def group_size_ok(width: int, num_groups: int) -> bool:
